@@ -1,0 +1,223 @@
+"""ResNet backbones: one registry, one contract.
+
+Every backbone is a functional ``keras.Model`` that takes raw 0-255 pixels, holds its
+preprocessing as a layer, and names its layers the keras.applications way
+(``conv1_*``/``pool1_*`` = stem, ``conv2_*`` .. ``conv5_*`` = stage1..stage4), which is what
+:mod:`restransfer.stages` uses to freeze and unfreeze stages.
+
+Two families of architecture are built:
+  * keras.applications ResNet50/101/152 (v1, stride on the first 1x1 conv) and the v2
+    variants, used for ``weights=None`` and ``weights="imagenet"``;
+  * torchvision-layout ResNets (BasicBlock for 18/34; "v1.5" bottlenecks, stride on the 3x3
+    conv, for 50/101/152), used for ResNet-18/34 always and for weights imported from
+    torchvision ``.pth``/``.safetensors`` files, whose numbers only fit that layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+from keras import layers
+
+from restransfer.preprocessing import Preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    block: str  # "basic" | "bottleneck" | "preact"
+    depths: tuple[int, int, int, int]
+    feature_dim: int
+    keras_application: str | None  # keras.applications constructor name, if Keras has the net
+
+    @property
+    def has_keras_imagenet(self) -> bool:
+        return self.keras_application is not None
+
+    @property
+    def torchvision_importable(self) -> bool:
+        return self.block != "preact"
+
+    def default_preprocessing(self, layout: str) -> str:
+        if layout == "torchvision":
+            return "torch"
+        return "tf" if self.block == "preact" else "caffe"
+
+
+_SPECS = [
+    BackboneSpec("resnet18", "basic", (2, 2, 2, 2), 512, None),
+    BackboneSpec("resnet34", "basic", (3, 4, 6, 3), 512, None),
+    BackboneSpec("resnet50", "bottleneck", (3, 4, 6, 3), 2048, "ResNet50"),
+    BackboneSpec("resnet101", "bottleneck", (3, 4, 23, 3), 2048, "ResNet101"),
+    BackboneSpec("resnet152", "bottleneck", (3, 8, 36, 3), 2048, "ResNet152"),
+    BackboneSpec("resnet50v2", "preact", (3, 4, 6, 3), 2048, "ResNet50V2"),
+    BackboneSpec("resnet101v2", "preact", (3, 4, 23, 3), 2048, "ResNet101V2"),
+    BackboneSpec("resnet152v2", "preact", (3, 8, 36, 3), 2048, "ResNet152V2"),
+]
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`, shallowest first."""
+    return list(BACKBONES)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name.lower()]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), BACKBONES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown backbone {name!r}.{hint} Available: {', '.join(BACKBONES)}"
+        ) from None
+
+
+def build_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    pooling: str | None = "avg",
+    preprocessing: str | None = None,
+    layout: str | None = None,
+) -> keras.Model:
+    """Builds a ResNet feature extractor that takes raw 0-255 images.
+
+    Args:
+        name: one of :func:`list_backbones`.
+        weights: ``None`` (random init), ``"imagenet"`` (Keras' download/cache mechanism),
+            or a path: ``.pth``/``.pt``/``.safetensors`` torchvision state dicts, or
+            ``.weights.h5``/``.h5``/``.keras`` Keras files.
+        input_shape: (height, width, channels); 1-channel inputs are replicated to RGB.
+        pooling: ``"avg"``, ``"max"`` or ``None`` (feature map output).
+        preprocessing: override the preprocessing the weights expect (see
+            :mod:`restransfer.preprocessing`); normally chosen for you.
+        layout: ``"keras"`` or ``"torchvision"``; chosen from the weights when omitted.
+    """
+    from restransfer import weights as weights_lib
+
+    spec = get_spec(name)
+    if pooling not in ("avg", "max", None):
+        raise ValueError(f"pooling must be 'avg', 'max' or None, got {pooling!r}")
+    source = weights_lib.classify_weights(weights)
+    if layout is None:
+        layout = "torchvision" if source == "torchvision" or not spec.has_keras_imagenet else "keras"
+    if layout not in ("keras", "torchvision"):
+        raise ValueError(f"layout must be 'keras' or 'torchvision', got {layout!r}")
+    if layout == "torchvision" and not spec.torchvision_importable:
+        raise ValueError(f"{spec.name} has no torchvision layout (torchvision has no ResNet v2)")
+    if source == "torchvision" and layout != "torchvision":
+        raise ValueError("torchvision weights need layout='torchvision'")
+    if source == "imagenet" and layout != "keras":
+        raise weights_lib.WeightsNotAvailable(weights_lib.no_keras_imagenet_message(spec.name))
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = Preprocess(preprocessing or spec.default_preprocessing(layout), name="preprocess")(inputs)
+    if layout == "keras":
+        app = getattr(keras.applications, spec.keras_application)
+        with weights_lib.explain_imagenet_failure(spec):
+            # Building on our tensor keeps preprocessing and network in one flat model;
+            # keras.applications then runs its own download/cache/md5 logic for "imagenet".
+            model = app(
+                include_top=False,
+                weights="imagenet" if source == "imagenet" else None,
+                input_tensor=x,
+                pooling=pooling,
+            )
+        model = keras.Model(inputs, model.output, name=spec.name)
+    else:
+        features = _torchvision_layout(x, spec)
+        if pooling == "avg":
+            features = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        elif pooling == "max":
+            features = layers.GlobalMaxPooling2D(name="max_pool")(features)
+        model = keras.Model(inputs, features, name=spec.name)
+
+    if source == "torchvision":
+        weights_lib.load_torchvision_weights(model, weights)
+    elif source == "keras_file":
+        weights_lib.load_keras_weights(model, weights)
+    return model
+
+
+# --- torchvision-layout network, named the keras.applications way ------------------------
+
+_BN_EPSILON = 1e-5  # torchvision's BatchNorm2d default
+
+
+def _conv(x, filters, kernel, stride, name, padding):
+    if padding:
+        # Explicit symmetric padding: Keras' "same" pads stride-2 convs asymmetrically,
+        # torchvision pads both sides; only this matches imported weights exactly.
+        x = layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
+    return layers.Conv2D(filters, kernel, strides=stride, use_bias=False, name=f"{name}_conv")(x)
+
+
+def _bn(x, name):
+    return layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=0.9, name=f"{name}_bn")(x)
+
+
+def _basic_block(x, filters, stride, name):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _bn(_conv(x, filters, 1, stride, f"{name}_0", 0), f"{name}_0")
+    y = _conv(x, filters, 3, stride, f"{name}_1", 1)
+    y = layers.ReLU(name=f"{name}_1_relu")(_bn(y, f"{name}_1"))
+    y = _bn(_conv(y, filters, 3, 1, f"{name}_2", 1), f"{name}_2")
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def _bottleneck_block(x, filters, stride, name):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != 4 * filters:
+        shortcut = _bn(_conv(x, 4 * filters, 1, stride, f"{name}_0", 0), f"{name}_0")
+    y = layers.ReLU(name=f"{name}_1_relu")(_bn(_conv(x, filters, 1, 1, f"{name}_1", 0), f"{name}_1"))
+    y = _conv(y, filters, 3, stride, f"{name}_2", 1)  # v1.5: the stride sits on the 3x3
+    y = layers.ReLU(name=f"{name}_2_relu")(_bn(y, f"{name}_2"))
+    y = _bn(_conv(y, 4 * filters, 1, 1, f"{name}_3", 0), f"{name}_3")
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def _torchvision_layout(x, spec: BackboneSpec):
+    x = _conv(x, 64, 7, 2, "conv1", 3)
+    x = layers.ReLU(name="conv1_relu")(_bn(x, "conv1"))
+    # Zero padding equals torchvision's -inf padding here because inputs are post-ReLU.
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    block = _basic_block if spec.block == "basic" else _bottleneck_block
+    for stage, (depth, filters) in enumerate(zip(spec.depths, (64, 128, 256, 512))):
+        for index in range(depth):
+            stride = 2 if index == 0 and stage > 0 else 1
+            x = block(x, filters, stride, f"conv{stage + 2}_block{index + 1}")
+    return x
+
+
+def describe_backbones() -> list[dict]:
+    """One row per backbone for tables: name, block, depths, width, weights origins."""
+    rows = []
+    for spec in _SPECS:
+        rows.append(
+            {
+                "name": spec.name,
+                "block": spec.block,
+                "blocks_per_stage": "-".join(map(str, spec.depths)),
+                "feature_dim": spec.feature_dim,
+                "imagenet_via_keras": spec.has_keras_imagenet,
+                "torchvision_import": spec.torchvision_importable,
+            }
+        )
+    return rows
+
+
+def count_params(name: str) -> int:
+    """Parameter count of the pooled feature extractor (built without weights)."""
+    return build_backbone(name, weights=None, input_shape=(64, 64, 3)).count_params()
+
+
+__all__ = ["BACKBONES", "BackboneSpec", "build_backbone", "list_backbones", "get_spec"]

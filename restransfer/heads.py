@@ -1,0 +1,86 @@
+"""Task heads. A head also carries the class names, so they travel inside the model file."""
+
+from __future__ import annotations
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="restransfer")
+class ClassifierHead(keras.layers.Layer):
+    """Dropout -> optional hidden Dense+ReLU -> Dense with softmax or sigmoid.
+
+    Always computed in float32 (``dtype="float32"``), even under a mixed-precision policy,
+    so that probabilities and the loss stay numerically sound.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        multi_label: bool = False,
+        dropout: float = 0.0,
+        hidden_units: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs,
+    ):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        if num_classes < 1 or (not multi_label and num_classes < 2):
+            raise ValueError(f"num_classes must be >= 2 (>= 1 for multi-label), got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names given for num_classes={num_classes}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_classes = int(num_classes)
+        self.multi_label = bool(multi_label)
+        self.dropout_rate = float(dropout)
+        self.hidden_units = hidden_units
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.dropout = keras.layers.Dropout(dropout, dtype="float32", name="dropout")
+        self.hidden = (
+            keras.layers.Dense(hidden_units, activation="relu", dtype="float32", name="hidden")
+            if hidden_units
+            else None
+        )
+        self.classifier = keras.layers.Dense(
+            num_classes,
+            activation="sigmoid" if multi_label else "softmax",
+            dtype="float32",
+            name="classifier",
+        )
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        if self.hidden is not None:
+            self.hidden.build(shape)
+            shape = shape[:-1] + (self.hidden_units,)
+        self.classifier.build(shape)
+
+    def call(self, features, training=None):
+        x = self.dropout(keras.ops.cast(features, "float32"), training=training)
+        if self.hidden is not None:
+            x = self.hidden(x)
+        return self.classifier(x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        return {
+            **config,
+            "num_classes": self.num_classes,
+            "multi_label": self.multi_label,
+            "dropout": self.dropout_rate,
+            "hidden_units": self.hidden_units,
+            "class_names": self.class_names,
+        }
+
+
+def find_head(model: keras.Model) -> ClassifierHead:
+    for layer in model.layers:
+        if isinstance(layer, ClassifierHead):
+            return layer
+    raise ValueError(f"{model.name} has no restransfer ClassifierHead")

@@ -1,0 +1,58 @@
+"""Input preprocessing as a Keras layer, so raw 0-255 pixels go in everywhere.
+
+The convention depends on where a backbone's weights came from:
+  * ``caffe``: keras.applications ResNet v1 (BGR, ImageNet mean subtracted, no scaling)
+  * ``tf``:    keras.applications ResNet v2 (scaled to [-1, 1])
+  * ``torch``: torchvision weights (scaled to [0, 1], ImageNet mean/std)
+  * ``none``:  identity (inputs are used as given)
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
+
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="restransfer")
+class Preprocess(keras.layers.Layer):
+    """Maps raw pixels (0-255, 1 or 3 channels) to what the backbone's weights expect.
+
+    One-channel (grayscale) inputs are replicated to RGB first.
+    """
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(
+                f"Unknown preprocessing mode {mode!r}; expected one of {PREPROCESSING_MODES}"
+            )
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if x.shape[-1] == 1:
+            x = ops.repeat(x, 3, axis=-1)
+        if self.mode == "caffe":
+            mean = ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=x.dtype)
+            return ops.flip(x, axis=-1) - mean
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN, dtype=x.dtype)
+            std = ops.convert_to_tensor(_TORCH_STD, dtype=x.dtype)
+            return (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape):
+        if input_shape[-1] == 1:
+            return tuple(input_shape[:-1]) + (3,)
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

@@ -1,0 +1,269 @@
+"""Recipes: a backbone, a task head, and a fine-tuning plan, behind fit/evaluate/predict."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from restransfer import data as data_lib
+from restransfer import stages as stages_lib
+from restransfer.backbones import build_backbone, get_spec
+from restransfer.heads import ClassifierHead, find_head
+from restransfer.training import Phase, TrainingHistory, default_phases, run_phases
+
+
+def configure_precision(precision: str = "auto") -> str:
+    """Sets Keras' global dtype policy; ``auto`` = mixed_float16 on a GPU, float32 on CPU
+    (on CPUs mixed float16 is slow and XLA measured ~2x slower here)."""
+    if precision == "auto":
+        import tensorflow as tf
+
+        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+class ClassificationRecipe:
+    """Single-label (softmax) or multi-label (sigmoid) image classification by fine-tuning.
+
+    Example::
+
+        recipe = ClassificationRecipe(backbone="resnet50", weights="imagenet", image_size=224)
+        history = recipe.fit("data/hymenoptera")         # train/ and val/ sub-folders
+        recipe.evaluate("data/hymenoptera/val")
+        probabilities = recipe.predict(["ant.jpg"])
+        recipe.save("run/model.keras")
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        weights: str | os.PathLike | None = "imagenet",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        image_size: int = 224,
+        channels: int = 3,
+        multi_label: bool = False,
+        head_dropout: float = 0.2,
+        head_hidden_units: int | None = None,
+        phases: list[Phase] | None = None,
+        batch_size: int = 32,
+        augmentation="light",
+        early_stopping_patience: int | None = 3,
+        val_fraction: float = 0.2,
+        bad_images: str = "skip",
+        precision: str = "auto",
+        seed: int = 0,
+    ):
+        get_spec(backbone)
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names but num_classes={num_classes}")
+        if image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {image_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.backbone_name = backbone.lower()
+        self.weights = weights
+        self.class_names = list(class_names) if class_names else None
+        self.num_classes = num_classes or (len(class_names) if class_names else None)
+        self.image_size = int(image_size)
+        self.channels = channels
+        self.multi_label = multi_label
+        self.head_dropout = head_dropout
+        self.head_hidden_units = head_hidden_units
+        self.phases = list(phases) if phases is not None else default_phases()
+        self.batch_size = batch_size
+        self.augmentation = augmentation
+        self.early_stopping_patience = early_stopping_patience
+        self.val_fraction = val_fraction
+        self.bad_images = bad_images
+        self.precision = precision
+        self.seed = seed
+        self.model: keras.Model | None = None
+        self.skipped: list[data_lib.SkippedFile] = []
+        self.history: TrainingHistory | None = None
+
+    # --- model --------------------------------------------------------------------------
+
+    def build(self) -> keras.Model:
+        """Builds backbone + head (done by ``fit`` when the class count is known)."""
+        if self.num_classes is None:
+            raise ValueError("num_classes (or class_names) is needed to build the model")
+        configure_precision(self.precision)
+        shape = (self.image_size, self.image_size, self.channels)
+        backbone = build_backbone(self.backbone_name, weights=self.weights, input_shape=shape)
+        inputs = keras.Input(shape=shape, name="image")
+        head = ClassifierHead(
+            self.num_classes,
+            multi_label=self.multi_label,
+            dropout=self.head_dropout,
+            hidden_units=self.head_hidden_units,
+            class_names=self.class_names,
+            name="head",
+        )
+        self.model = keras.Model(inputs, head(backbone(inputs)), name=f"{self.backbone_name}_classifier")
+        self.class_names = head.class_names
+        return self.model
+
+    def _require_model(self) -> keras.Model:
+        if self.model is None:
+            raise RuntimeError("the recipe has no model yet: call fit() or build() first")
+        return self.model
+
+    def freeze(self, up_to: str = "stage4") -> None:
+        stages_lib.freeze(self._require_model(), up_to=up_to)
+
+    def unfreeze(self, stages: str = "all") -> None:
+        stages_lib.unfreeze(self._require_model(), stages)
+
+    # --- data ---------------------------------------------------------------------------
+
+    def _as_data(self, source, split=None) -> data_lib.ImageData:
+        data = data_lib.as_image_data(source, class_names=self.class_names, split=split,
+                                      policy=self.bad_images, channels=self.channels)
+        self.skipped += data.skipped
+        return data
+
+    def _pipeline(self, data, training: bool):
+        if _is_tf_dataset(data):
+            return data
+        return data_lib.make_pipeline(
+            data, self.image_size, self.batch_size, training=training,
+            augmentation=self.augmentation if training else None, seed=self.seed,
+        )
+
+    def _training_data(self, train_data, validation_data):
+        if _is_tf_dataset(train_data):
+            if self.num_classes is None:
+                raise ValueError("with a tf.data.Dataset, pass num_classes or class_names")
+            steps = int(train_data.cardinality())
+            return train_data, validation_data, steps if steps > 0 else 1
+        train = self._as_data(train_data, split="train")
+        if self.class_names is None:
+            self.class_names = train.class_names
+            self.num_classes = train.num_classes
+        self.multi_label = self.multi_label or train.multi_label
+        if validation_data is None:
+            folder = Path(train_data) if isinstance(train_data, (str, os.PathLike)) else None
+            if folder is not None and data_lib.find_split_dir(folder, "val") is not None:
+                validation_data = self._as_data(folder, split="val")
+            elif self.val_fraction:
+                train, validation_data = data_lib.stratified_split(train, self.val_fraction, self.seed)
+        elif not _is_tf_dataset(validation_data):
+            validation_data = self._as_data(validation_data, split="val")
+        steps = math.ceil(len(train) / self.batch_size)
+        return train, validation_data, steps
+
+    # --- fit / evaluate / predict -------------------------------------------------------
+
+    def fit(self, train_data, validation_data=None, callbacks=None, verbose="auto") -> TrainingHistory:
+        """Fine-tunes through ``self.phases``; returns the per-epoch history of all phases.
+
+        ``train_data``/``validation_data``: an image folder path (with or without
+        train/val sub-folders), an ``(images, labels)`` tuple, :class:`ImageData`, or a
+        batched ``tf.data.Dataset`` of (raw 0-255 images, labels). With no validation
+        data, a folder's ``val/`` sub-folder or a stratified ``val_fraction`` is used.
+        """
+        keras.utils.set_random_seed(self.seed)
+        train, val, steps = self._training_data(train_data, validation_data)
+        if self.model is None:
+            self.build()
+        self.history = run_phases(
+            self.model,
+            self.phases,
+            self._pipeline(train, training=True),
+            self._pipeline(val, training=False) if val is not None else None,
+            steps_per_epoch=steps,
+            multi_label=self.multi_label,
+            patience=self.early_stopping_patience,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        if self.skipped:
+            print(f"{len(self.skipped)} unusable file(s) skipped: "
+                  + ", ".join(os.path.basename(s.path) for s in self.skipped[:5])
+                  + (" ..." if len(self.skipped) > 5 else ""))
+        return self.history
+
+    def evaluate(self, data, verbose=0) -> dict[str, float]:
+        """Loss and metrics on labelled data (same kinds of input as ``fit``)."""
+        model = self._require_model()
+        if model.optimizer is None or not model.compiled:
+            from restransfer.training import compile_model
+
+            compile_model(model, 1e-3, self.multi_label)
+        source = data if _is_tf_dataset(data) else self._as_data(data, split="test")
+        result = model.evaluate(self._pipeline(source, training=False), verbose=verbose,
+                                return_dict=True)
+        return {k: float(v) for k, v in result.items()}
+
+    def predict(self, images, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities for images: an array (N, H, W, C) of raw pixels (any size),
+        a list of image file paths, or one path."""
+        model = self._require_model()
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike)):
+            images = [data_lib.load_image(p, self.channels) for p in images]
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = images[None] if images.shape[-1] in (1, 3, 4) else images[..., None]
+        resized = np.stack(
+            [np.asarray(data_lib.resize_image(image, self.image_size)) for image in images]
+        )
+        return model.predict(resized, batch_size=batch_size or self.batch_size, verbose=0)
+
+    def predict_labels(self, images) -> list:
+        """Class names (single-label) or lists of names above 0.5 (multi-label)."""
+        probabilities = self.predict(images)
+        if self.multi_label:
+            return [[self.class_names[j] for j in np.flatnonzero(row > 0.5)] for row in probabilities]
+        return [self.class_names[i] for i in probabilities.argmax(axis=1)]
+
+    # --- persistence --------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the model (class names included) as a ``.keras`` file, atomically."""
+        path = Path(path)
+        if path.suffix != ".keras":
+            raise ValueError(f"save() writes a .keras file; got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=".saving-")
+        os.close(handle)
+        try:
+            self._require_model().save(temporary)
+            os.replace(temporary, path)  # a reader never sees a half-written file
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, safe_mode: bool = True) -> "ClassificationRecipe":
+        """Loads a model saved by :meth:`save`. ``safe_mode`` (Keras) refuses code in the file."""
+        model = keras.saving.load_model(str(path), safe_mode=safe_mode)
+        head = find_head(model)
+        backbone = stages_lib.find_backbone(model)
+        height, _, channels = model.input_shape[1:]
+        recipe = cls(
+            backbone=backbone.name,
+            weights=None,
+            class_names=head.class_names,
+            image_size=height,
+            channels=channels,
+            multi_label=head.multi_label,
+            head_dropout=head.dropout_rate,
+            head_hidden_units=head.hidden_units,
+        )
+        recipe.model = model
+        return recipe
+
+
+def _is_tf_dataset(obj) -> bool:
+    import tensorflow as tf
+
+    return isinstance(obj, tf.data.Dataset)
