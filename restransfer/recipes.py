@@ -224,6 +224,35 @@ class ClassificationRecipe:
             return [[self.class_names[j] for j in np.flatnonzero(row > 0.5)] for row in probabilities]
         return [self.class_names[i] for i in probabilities.argmax(axis=1)]
 
+    def export(self, out_dir, model_name: str | None = None, version: int | None = None,
+               top_k: int = 5, warmup_images=None, thresholds=None) -> Path:
+        """SavedModel for TensorFlow Serving (see :mod:`restransfer.export`)."""
+        from restransfer.export import export_saved_model
+
+        if warmup_images is not None and len(warmup_images) and isinstance(warmup_images[0], (str, os.PathLike)):
+            warmup_images = [data_lib.load_image(p, self.channels) for p in warmup_images]
+        return export_saved_model(
+            self._require_model(), out_dir, class_names=self.class_names,
+            image_size=self.image_size, model_name=model_name or self.backbone_name,
+            version=version, top_k=top_k, multi_label=self.multi_label, thresholds=thresholds,
+            warmup_images=warmup_images, metadata=self.describe(),
+        )
+
+    def describe(self) -> dict:
+        """What a model card needs to know about this recipe (no absolute paths)."""
+        weights = self.weights
+        if weights is not None and str(weights).lower() != "imagenet":
+            weights = os.path.basename(str(weights))
+        return {
+            "backbone": self.backbone_name,
+            "weights": weights,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "phases": [vars(phase) for phase in self.phases],
+            "history": (self.history.history if self.history else None),
+            "skipped_files": len(self.skipped),
+        }
+
     # --- persistence --------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:

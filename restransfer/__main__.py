@@ -1,0 +1,5 @@
+import sys
+
+from restransfer.cli import main
+
+sys.exit(main())

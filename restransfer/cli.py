@@ -1,0 +1,206 @@
+"""The ``restransfer`` command line.
+
+TensorFlow is imported inside the commands that need it, never at module level, so that
+``--help`` answers at once. Exit codes: 0 ok, 2 bad usage or input, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_backbones(args) -> int:
+    from restransfer.backbones import describe_backbones
+
+    rows = describe_backbones()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'name':<12} {'block':<10} {'blocks':<10} {'features':>8}  ImageNet via Keras  torchvision import")
+    for row in rows:
+        print(f"{row['name']:<12} {row['block']:<10} {row['blocks_per_stage']:<10} "
+              f"{row['feature_dim']:>8}  {'yes' if row['imagenet_via_keras'] else 'no':<18}  "
+              f"{'yes' if row['torchvision_import'] else 'no'}")
+    print("stages: stem, stage1, stage2, stage3, stage4")
+    return EXIT_OK
+
+
+def _digits_data(seed: int):
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 scans, no download."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from restransfer import data as data_lib
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    all_data = data_lib.from_arrays(images, digits.target, class_names=[str(i) for i in range(10)])
+    rest, test = data_lib.stratified_split(all_data, 0.2, seed)
+    train, val = data_lib.stratified_split(rest, 0.2, seed)
+    return train, val, test
+
+
+def cmd_quickstart(args) -> int:
+    """Fine-tune on offline data, evaluate, save and export: the README's main job."""
+    _quiet_tensorflow()
+    from restransfer import data as data_lib
+    from restransfer.recipes import ClassificationRecipe
+    from restransfer.training import Phase
+
+    out = Path(args.out)
+    phases = [Phase("head", epochs=args.epochs, lr=1e-3), Phase("all", epochs=args.epochs, lr=3e-4)]
+    if args.data is None:
+        train, val, test = _digits_data(args.seed)
+        source = "scikit-learn digits"
+        channels, image_size = 1, args.image_size or 32
+    else:
+        folder = Path(args.data)
+        train = data_lib.as_image_data(folder, split="train")
+        val_dir = data_lib.find_split_dir(folder, "val")
+        test_dir = data_lib.find_split_dir(folder, "test")
+        if val_dir is not None:
+            val = data_lib.image_folder(val_dir, class_names=train.class_names)
+        else:
+            train, val = data_lib.stratified_split(train, 0.2, args.seed)
+        test = data_lib.image_folder(test_dir, class_names=train.class_names) if test_dir else None
+        source = str(folder)
+        channels, image_size = 3, args.image_size or 96
+    recipe = ClassificationRecipe(
+        backbone=args.backbone, weights=args.weights, class_names=train.class_names,
+        image_size=image_size, channels=channels, phases=phases, batch_size=args.batch_size,
+        augmentation="none" if args.data is None else "light", seed=args.seed,
+    )
+    print(f"fine-tuning {args.backbone} (weights: {args.weights or 'random init'}) on {source}: "
+          f"{len(train)} train / {len(val) if val is not None else 0} val images, {image_size}px")
+    recipe.fit(train, validation_data=val, verbose=2)
+    held_out = test if test is not None else val
+    metrics = recipe.evaluate(held_out)
+    print(f"held-out accuracy: {metrics['accuracy']:.3f} ({len(held_out)} images)")
+    model_path = recipe.save(out / "model.keras")
+    warmup = (list(held_out.images[:4]) if held_out.images is not None
+              else [data_lib.load_image(p, channels) for p in held_out.paths[:4]])
+    export_dir = recipe.export(out / "export", model_name="restransfer", warmup_images=warmup)
+    (out / "metrics.json").write_text(json.dumps({"test": metrics, "source": source}, indent=2))
+    print(f"model:  {model_path}\nexport: {export_dir}  (TensorFlow Serving: --model_base_path="
+          f"{export_dir.parent.resolve()})")
+    return EXIT_OK
+
+
+def _load_recipe(path, unsafe: bool):
+    from restransfer.recipes import ClassificationRecipe
+
+    return ClassificationRecipe.load(path, safe_mode=not unsafe)
+
+
+def cmd_predict(args) -> int:
+    _quiet_tensorflow()
+    recipe = _load_recipe(args.model, args.unsafe)
+    results = []
+    for path in args.images:
+        probabilities = recipe.predict([path])[0]
+        order = probabilities.argsort()[::-1][: args.top_k]
+        results.append({"image": path, "top": [
+            {"class": recipe.class_names[i], "probability": float(probabilities[i])} for i in order]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for item in results:
+            best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"])
+            print(f"{item['image']}: {best}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    _quiet_tensorflow()
+    recipe = _load_recipe(args.model, args.unsafe)
+    metrics = recipe.evaluate(args.data)
+    print(json.dumps(metrics, indent=2) if args.json else
+          "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    _quiet_tensorflow()
+    recipe = _load_recipe(args.model, args.unsafe)
+    directory = recipe.export(args.out, model_name=args.name, version=args.version, top_k=args.top_k,
+                              warmup_images=args.warmup or None)
+    print(directory)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from restransfer import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="restransfer", description="Transfer learning with ResNets on Keras 3 / TensorFlow."
+    )
+    parser.add_argument("--version", action="version", version=f"restransfer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("backbones", help="list the backbones and their weights")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backbones)
+
+    p = commands.add_parser("quickstart", help="fine-tune, evaluate and export on offline data")
+    p.add_argument("data", nargs="?", help="image folder (class sub-folders, optional train/val/test); "
+                                           "default: scikit-learn's bundled digits")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--weights", default=None, help="'imagenet', a .pth/.safetensors/.weights.h5 file, "
+                                                   "or omitted for random init")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per phase")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/quickstart")
+    p.set_defaults(func=cmd_quickstart)
+
+    for name, func, text in (("predict", cmd_predict, "class probabilities for image files"),
+                             ("evaluate", cmd_evaluate, "metrics on a labelled image folder"),
+                             ("export", cmd_export, "SavedModel for TensorFlow Serving")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("model", help="a .keras file written by restransfer")
+        p.add_argument("--unsafe", action="store_true",
+                       help="allow code in the model file (Keras safe_mode off); only for files you trust")
+        p.set_defaults(func=func)
+        if name == "predict":
+            p.add_argument("images", nargs="+")
+            p.add_argument("--top-k", type=int, default=3)
+            p.add_argument("--json", action="store_true")
+        elif name == "evaluate":
+            p.add_argument("--data", required=True)
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--out", required=True)
+            p.add_argument("--name", default="restransfer", help="model name (TF Serving --model_name)")
+            p.add_argument("--version", type=int, default=None)
+            p.add_argument("--top-k", type=int, default=5)
+            p.add_argument("--warmup", nargs="*", default=[], help="a few real images for warmup requests")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"restransfer: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # a runtime failure: one line, not a traceback
+        if os.environ.get("RESTRANSFER_DEBUG"):
+            raise
+        print(f"restransfer: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
