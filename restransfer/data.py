@@ -38,17 +38,23 @@ class SkippedFile:
 class ImageData:
     """Labelled images from one source.
 
-    Exactly one of ``paths`` (decoded lazily from disk) or ``images`` (in memory) is set.
-    ``labels`` holds class indices, or 0/1 rows for multi-label data.
+    Exactly one of ``paths`` (decoded lazily from disk), ``images`` (in memory) or
+    ``encoded`` (a tf.data pipeline of encoded image bytes, e.g. from TFDS) is set.
+    ``labels`` holds class indices, or 0/1 rows for multi-label data; ``groups`` an optional
+    group id per image (a patient, say) that splits never divide.
+    ``keep_precision`` decodes 16-bit files to float32 (0-255 scale, full precision).
     """
 
     labels: np.ndarray
     class_names: list[str]
     paths: list[str] | None = None
     images: np.ndarray | None = None
+    encoded: object = None
     skipped: list[SkippedFile] = dataclasses.field(default_factory=list)
     multi_label: bool = False
     channels: int = 3
+    groups: np.ndarray | None = None
+    keep_precision: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,11 +65,14 @@ class ImageData:
 
     def subset(self, indices) -> "ImageData":
         indices = np.asarray(indices, dtype=int)
+        if self.encoded is not None:
+            raise ValueError("a TFDS source is split with TFDS split strings (train[:80%])")
         return dataclasses.replace(
             self,
             labels=self.labels[indices],
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
             images=self.images[indices] if self.images is not None else None,
+            groups=self.groups[indices] if self.groups is not None else None,
             skipped=[],
         )
 
@@ -76,10 +85,18 @@ class ImageData:
         if self.images is not None:
             return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(self.images), labels)
         channels = self.channels
+        if self.encoded is not None:
+            def decode_bytes(encoded):
+                image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+                return tf.ensure_shape(image, [None, None, channels])
+
+            images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
+            return tf.data.Dataset.zip(images, labels)
+        keep, dtype = self.keep_precision, (tf.float32 if self.keep_precision else tf.uint8)
 
         def decode(path):
             image = tf.numpy_function(
-                lambda p: load_image(p.decode(), channels), [path], tf.uint8, stateful=False
+                lambda p: load_image(p.decode(), channels, keep), [path], dtype, stateful=False
             )
             return tf.ensure_shape(image, [None, None, channels])
 
@@ -92,18 +109,24 @@ class ImageData:
 # --- decoding ------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+def load_image(path: str | os.PathLike, channels: int = 3, keep_precision: bool = False) -> np.ndarray:
     """Decodes one file to uint8 HxWxC with PIL: EXIF orientation honoured, first GIF frame,
-    grayscale/RGBA/CMYK/palette converted, 16-bit scaled to 8-bit."""
+    grayscale/RGBA/CMYK/palette converted, 16-bit scaled to 8-bit.
+
+    With ``keep_precision`` the result is float32 on the same 0-255 scale; a 16-bit image
+    keeps all of its 65,536 levels (value * 255 / 65535) instead of being quantised.
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.seek(0)
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if array.max() > 255 else 255.0
-            image = Image.fromarray(np.round(array * (255.0 / top)).astype(np.uint8))
+            array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+            if keep_precision:
+                gray = array.astype(np.float32)[..., None]
+                return gray if channels == 1 else np.repeat(gray, 3, axis=-1)
+            image = Image.fromarray(np.round(array).astype(np.uint8))
         target = "L" if channels == 1 else "RGB"
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite on white: transparent pixels are usually background.
@@ -111,7 +134,8 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
         array = np.asarray(image.convert(target), dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    array = array[..., None] if array.ndim == 2 else array
+    return array.astype(np.float32) if keep_precision else array
 
 
 def check_image(path: str) -> str | None:
@@ -172,6 +196,7 @@ def image_folder(
     policy: str = "skip",
     channels: int = 3,
     progress: bool = True,
+    keep_precision: bool = False,
 ) -> ImageData:
     """Images in class sub-folders: ``path/<class>/*.jpg``, or ``path/<split>/<class>/``.
 
@@ -218,6 +243,7 @@ def image_folder(
         paths=[paths[i] for i in keep],
         skipped=skipped,
         channels=channels,
+        keep_precision=keep_precision,
     )
 
 
@@ -259,22 +285,218 @@ def from_arrays(
     )
 
 
+def _resolve_under(root: Path, relative: str, allow_outside_root: bool, where: str) -> str:
+    path = (root / relative).resolve()
+    if not allow_outside_root and not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: path {relative!r} escapes the data root {root} "
+                         "(pass allow_outside_root=True to permit it)")
+    return str(path)
+
+
+def from_csv(
+    table,
+    path_column: str = "path",
+    label_column: str | None = "label",
+    label_columns: list[str] | None = None,
+    separator: str | None = None,
+    group_column: str | None = None,
+    root: str | os.PathLike | None = None,
+    class_names: list[str] | None = None,
+    policy: str = "skip",
+    channels: int = 3,
+    allow_outside_root: bool = False,
+    progress: bool = True,
+) -> ImageData:
+    """Images listed in a CSV file or a pandas DataFrame.
+
+    Single-label: ``label_column`` holds a class name per row. Multi-label: either
+    ``label_columns`` (one 0/1 column per class) or ``separator`` (``"Effusion|Mass"`` in
+    ``label_column``). Paths are relative to ``root`` (default: the CSV's folder) and may not
+    escape it unless ``allow_outside_root``. ``group_column`` (e.g. a patient id) is kept
+    for grouped splits.
+    """
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        frame, where = table, "DataFrame"
+        root = Path(root) if root is not None else Path.cwd()
+    else:
+        frame, where = pd.read_csv(table), str(table)
+        root = Path(root) if root is not None else Path(table).resolve().parent
+    needed = [path_column] + (label_columns or [label_column]) + ([group_column] if group_column else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    paths = [_resolve_under(root, str(p), allow_outside_root, f"{where} row {i + 2}")
+             for i, p in enumerate(frame[path_column])]
+    multi_label = bool(label_columns) or separator is not None
+    if label_columns:
+        names = list(label_columns)
+        labels = frame[label_columns].to_numpy(dtype=np.float32)
+        bad_rows = np.flatnonzero(~np.isin(labels, (0.0, 1.0)).all(axis=1))
+        if len(bad_rows):
+            raise ValueError(f"{where} row {bad_rows[0] + 2}: label columns must hold 0 or 1")
+    else:
+        raw = frame[label_column].astype(str).str.strip()
+        rows = [[t.strip() for t in value.split(separator) if t.strip()] if separator else [value]
+                for value in raw]
+        names = list(class_names) if class_names else sorted({t for row in rows for t in row})
+        index = {name: i for i, name in enumerate(names)}
+        for i, row in enumerate(rows):
+            unknown = [t for t in row if t not in index]
+            if unknown:
+                raise ValueError(f"{where} row {i + 2}: label(s) {unknown} not among the classes {names}")
+        if multi_label:
+            labels = np.zeros((len(rows), len(names)), np.float32)
+            for i, row in enumerate(rows):
+                labels[i, [index[t] for t in row]] = 1.0
+        else:
+            labels = np.asarray([index[row[0]] for row in rows], np.int32)
+    groups = frame[group_column].astype(str).to_numpy() if group_column else None
+    bad = check_files(paths, progress=progress)
+    skipped = apply_policy(bad, policy, where)
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    return ImageData(labels=labels[keep], class_names=names, paths=[paths[i] for i in keep],
+                     skipped=skipped, multi_label=multi_label, channels=channels,
+                     groups=groups[keep] if groups is not None else None)
+
+
+def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) -> ImageData:
+    """Arrays in an .npz with the MedMNIST layout: ``<split>_images``, ``<split>_labels``."""
+    with np.load(path, allow_pickle=False) as archive:
+        keys = (f"{split}_images", f"{split}_labels")
+        missing = [k for k in keys if k not in archive]
+        if missing:
+            raise ValueError(f"{path}: no {missing} (has {sorted(archive.files)})")
+        images, labels = archive[keys[0]], archive[keys[1]]
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    return from_arrays(images, labels, class_names=class_names)
+
+
+def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
+              image_key: str = "image", label_key: str = "label", channels: int = 3) -> ImageData:
+    """A TensorFlow Datasets dataset (``"tf_flowers"`` or ``"tfds:tf_flowers"``), read with
+    tensorflow-datasets' own loader from its data dir; never downloads (this may be offline).
+    Split strings such as ``train[:80%]`` work as in TFDS."""
+    import tensorflow_datasets as tfds
+
+    name = name.removeprefix("tfds:")
+    try:
+        ds, info = tfds.load(name, split=split, data_dir=data_dir, download=False, with_info=True,
+                             decoders={image_key: tfds.decode.SkipDecoding()})
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(f"unknown TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
+    except (AssertionError, FileNotFoundError) as error:  # TFDS: "Dataset ... not found"
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {where}, and restransfer "
+            f"does not download. On a machine with internet run `tfds build {name}` (or "
+            f"tfds.builder('{name}').download_and_prepare()), then copy its "
+            f"tensorflow_datasets/{name} directory into {where} (or pass data_dir= / set "
+            f"TFDS_DATA_DIR). ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
+    label_feature = info.features[label_key]
+    labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
+    return ImageData(labels=labels, class_names=list(label_feature.names),
+                     encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
+
+
+# --- splits (scikit-learn) -----------------------------------------------------------------
+
+
+def _strata(data: ImageData) -> np.ndarray:
+    # Multi-label rows are stratified by their first positive label (-1 for none): a
+    # simple, stable approximation of label balance.
+    if not data.multi_label:
+        return data.labels
+    return np.where(data.labels.any(axis=1), data.labels.argmax(axis=1), -1)
+
+
 def stratified_split(data: ImageData, val_fraction: float = 0.2, seed: int = 0):
-    """Splits into (train, val) keeping class proportions (scikit-learn)."""
-    from sklearn.model_selection import train_test_split
+    """Splits into (train, val) keeping class proportions; with ``data.groups`` no group
+    lands on both sides (StratifiedGroupKFold with ~1/val_fraction folds)."""
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
     indices = np.arange(len(data))
-    stratify = None if data.multi_label else data.labels
-    train_idx, val_idx = train_test_split(
-        indices, test_size=val_fraction, random_state=seed, stratify=stratify
-    )
+    if data.groups is not None:
+        folds = max(2, int(round(1.0 / val_fraction)))
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train_idx, val_idx = next(splitter.split(indices, _strata(data), data.groups))
+    else:
+        train_idx, val_idx = train_test_split(
+            indices, test_size=val_fraction, random_state=seed, stratify=_strata(data)
+        )
     return data.subset(np.sort(train_idx)), data.subset(np.sort(val_idx))
 
 
+def train_val_test_split(data: ImageData, val_fraction=0.15, test_fraction=0.15, seed=0):
+    """Three stratified (and, with groups, group-disjoint) parts."""
+    rest, test = stratified_split(data, test_fraction, seed)
+    train, val = stratified_split(rest, val_fraction / (1.0 - test_fraction), seed)
+    return train, val, test
+
+
+def kfold(data: ImageData, n_splits: int = 5, seed: int = 0):
+    """Yields (train, val) for stratified k-fold, group-aware when ``data.groups`` is set."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    indices = np.arange(len(data))
+    if data.groups is not None:
+        folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(
+            indices, _strata(data), data.groups)
+    else:
+        folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(indices, _strata(data))
+    for train_idx, val_idx in folds:
+        yield data.subset(train_idx), data.subset(val_idx)
+
+
+def write_split(path: str | os.PathLike, parts: dict[str, ImageData]) -> Path:
+    """Writes ``path,label,split[,group]`` rows so a run can be repeated and audited."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split", "group"])
+        for split, part in parts.items():
+            if part.paths is None:
+                raise ValueError("only file-based data can be written as a split file")
+            for i, file in enumerate(part.paths):
+                label = part.labels[i]
+                names = ([part.class_names[j] for j in np.flatnonzero(label)] if part.multi_label
+                         else [part.class_names[int(label)]])
+                group = part.groups[i] if part.groups is not None else ""
+                writer.writerow([file, "|".join(names), split, group])
+    return path
+
+
+def find_duplicates(first: ImageData, second: ImageData) -> list[tuple[str, str]]:
+    """Pairs of files with identical content across two file-based sources (SHA-256)."""
+    import hashlib
+
+    def digests(part):
+        return {hashlib.sha256(Path(p).read_bytes()).hexdigest(): p for p in part.paths or []}
+
+    seen = digests(first)
+    return [(seen[h], p) for h, p in digests(second).items() if h in seen]
+
+
 def as_image_data(source, class_names=None, split=None, policy="skip", channels=3) -> ImageData:
-    """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`."""
+    """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`: an image
+    folder, a ``.csv`` (path,label), an ``.npz`` (MedMNIST layout), ``"tfds:NAME[:SPLIT]"``,
+    or an ``(images, labels)`` tuple."""
     if isinstance(source, ImageData):
         return source
+    if isinstance(source, str) and source.startswith("tfds:"):
+        name, _, tfds_split = source.removeprefix("tfds:").partition(":")
+        return from_tfds(name, split=tfds_split or split or "train", channels=channels)
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".csv"):
+        return from_csv(source, class_names=class_names, policy=policy, channels=channels)
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npz"):
+        return from_npz(source, split={"val": "val", "test": "test"}.get(split, "train"),
+                        class_names=class_names)
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if split and find_split_dir(root, split) is None:

@@ -150,12 +150,15 @@ class ClassificationRecipe:
         self.multi_label = self.multi_label or train.multi_label
         if validation_data is None:
             folder = Path(train_data) if isinstance(train_data, (str, os.PathLike)) else None
-            if folder is not None and data_lib.find_split_dir(folder, "val") is not None:
+            if folder is not None and folder.is_dir() and data_lib.find_split_dir(folder, "val") is not None:
                 validation_data = self._as_data(folder, split="val")
-            elif self.val_fraction:
+            elif self.val_fraction and train.encoded is None:
                 train, validation_data = data_lib.stratified_split(train, self.val_fraction, self.seed)
         elif not _is_tf_dataset(validation_data):
             validation_data = self._as_data(validation_data, split="val")
+        if isinstance(validation_data, data_lib.ImageData) and train.paths and validation_data.paths:
+            for first, second in data_lib.find_duplicates(train, validation_data):
+                data_lib.log.warning("same image in train and validation: %s and %s", first, second)
         steps = math.ceil(len(train) / self.batch_size)
         return train, validation_data, steps
 

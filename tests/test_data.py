@@ -87,3 +87,108 @@ def test_hymenoptera_has_no_undecodable_files():
     root = require_shared(HYMENOPTERA)
     train = data.image_folder(root, split="train", progress=False)
     assert len(train) == 245 and not train.skipped
+
+
+def make_csv_folder(tmp_path, rows):
+    rng = np.random.default_rng(0)
+    for name in {r[0] for r in rows}:
+        write_image(tmp_path / name, rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    lines = ["path,label,patient"] + [",".join(r) for r in rows]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "labels.csv"
+
+
+def test_csv_single_and_separator_multi_label(tmp_path):
+    csv = make_csv_folder(tmp_path, [("img/a.png", "cat", "p1"), ("img/b.png", "dog", "p2"),
+                                     ("img/c.png", "cat|dog", "p3")])
+    multi = data.from_csv(csv, separator="|", group_column="patient", progress=False)
+    assert multi.class_names == ["cat", "dog"] and multi.multi_label
+    np.testing.assert_array_equal(multi.labels, [[1, 0], [0, 1], [1, 1]])
+    assert multi.paths[0] == str((tmp_path / "img" / "a.png").resolve())
+    assert list(multi.groups) == ["p1", "p2", "p3"]
+    with pytest.raises(ValueError, match=r"row 4: label\(s\) \['cat\|dog'\]"):
+        data.from_csv(csv, class_names=["cat", "dog"], progress=False)
+
+
+def test_csv_label_columns_and_path_escape(tmp_path):
+    write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "t.csv").write_text("path,effusion,mass\nx.png,1,0\n")
+    table = data.from_csv(tmp_path / "t.csv", label_columns=["effusion", "mass"], progress=False)
+    assert table.multi_label and table.labels.tolist() == [[1.0, 0.0]]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.csv").write_text("path,label\n../x.png,a\n")
+    with pytest.raises(ValueError, match="escapes the data root"):
+        data.from_csv(tmp_path / "sub" / "t.csv", progress=False)
+    assert len(data.from_csv(tmp_path / "sub" / "t.csv", allow_outside_root=True, progress=False)) == 1
+    with pytest.raises(ValueError, match="missing column"):
+        data.from_csv(tmp_path / "t.csv", label_column="finding", progress=False)
+
+
+def test_npz_medmnist_layout(tmp_path):
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((5, 28, 28), np.uint8),
+             train_labels=np.array([[0], [1], [0], [1], [1]]))
+    loaded = data.from_npz(tmp_path / "m.npz")
+    assert len(loaded) == 5 and loaded.channels == 1 and loaded.labels.tolist() == [0, 1, 0, 1, 1]
+    with pytest.raises(ValueError, match="test_images"):
+        data.from_npz(tmp_path / "m.npz", split="test")
+
+
+def test_tfds_missing_data_gives_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tf_flowers.*tfds build tf_flowers"):
+        data.from_tfds("tfds:tf_flowers", data_dir=str(tmp_path))
+
+
+def test_tfds_through_the_real_loader_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        flowers = data.as_image_data("tfds:tf_flowers:train[:50%]")
+        # mock_data serves num_examples per split and ignores slicing
+        assert flowers.class_names[0] == "dandelion" and len(flowers) == 6
+        batch = next(iter(data.make_pipeline(flowers, 32, 3)))
+    np.testing.assert_array_equal(batch[1].numpy(), flowers.labels[:3])
+    assert batch[0].shape == (3, 32, 32, 3)
+
+
+def test_grouped_splits_never_leak_a_group():
+    labels = np.array([0, 1] * 30)
+    groups = np.repeat(np.arange(20), 3).astype(str)
+    source = data.from_arrays(np.zeros((60, 4, 4, 3), np.uint8), labels)
+    source.groups = groups
+    train, val = data.stratified_split(source, 0.25, seed=1)
+    assert not set(train.groups) & set(val.groups)
+    folds = list(data.kfold(source, n_splits=5, seed=0))
+    assert len(folds) == 5
+    for train, val in folds:
+        assert not set(train.groups) & set(val.groups)
+    assert sorted(g for _, val in folds for g in val.groups) == sorted(groups)
+
+
+def test_split_file_and_duplicate_detection(tiny_folder, tmp_path):
+    train = data.image_folder(tiny_folder, split="train", progress=False)
+    val = data.image_folder(tiny_folder, split="val", class_names=train.class_names, progress=False)
+    (tiny_folder / "val" / "dark" / "copy.png").write_bytes((tiny_folder / "train" / "dark" / "dark1.png").read_bytes())
+    val = data.image_folder(tiny_folder, split="val", class_names=train.class_names, progress=False)
+    pairs = data.find_duplicates(train, val)
+    assert [p[1].split("/")[-1] for p in pairs] == ["copy.png"]
+    written = data.write_split(tmp_path / "split.csv", {"train": train, "val": val})
+    lines = written.read_text().splitlines()
+    assert lines[0] == "path,label,split,group" and len(lines) == 1 + len(train) + len(val)
+
+
+def test_sixteen_bit_precision_is_kept_as_float(tmp_path):
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 257 // 2, dtype=np.uint16)[:256].reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    exact = data.load_image(tmp_path / "ramp.png", channels=1, keep_precision=True)
+    assert exact.dtype == np.float32
+    np.testing.assert_allclose(exact[..., 0], ramp * (255 / 65535), rtol=1e-6)
+    assert len(np.unique(exact)) == 256 > len(np.unique(data.load_image(tmp_path / "ramp.png")))
+
+
+def test_class_in_val_but_not_train_is_an_error(tiny_folder):
+    (tiny_folder / "val" / "grey").mkdir()
+    write_image(tiny_folder / "val" / "grey" / "g.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="grey"):
+        data.image_folder(tiny_folder, split="val", class_names=["bright", "dark"], progress=False)
