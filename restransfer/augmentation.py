@@ -104,3 +104,7 @@ class Augmenter:
         if out.ndim == 2:  # OpenCV drops the channel axis of 1-channel images
             out = out[..., None]
         return np.ascontiguousarray(out, dtype=image.dtype)
+
+    def batch(self, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Augments each image of a batch with its own seed."""
+        return np.stack([self(image, seed) for image, seed in zip(images, seeds)])
