@@ -11,9 +11,9 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "list_backbones": "restransfer.backbones",
+    "list_backbones": "restransfer.registry",
     "build_backbone": "restransfer.backbones",
-    "describe_backbones": "restransfer.backbones",
+    "describe_backbones": "restransfer.registry",
     "ClassificationRecipe": "restransfer.recipes",
     "Phase": "restransfer.training",
     "freeze": "restransfer.stages",
@@ -22,7 +22,7 @@ _LAZY = {
     "STAGES": "restransfer.stages",
     "export_saved_model": "restransfer.export",
 }
-_SUBMODULES = ("data", "augmentation", "backbones", "weights", "stages", "heads", "training",
+_SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training",
                "recipes", "export", "preprocessing")
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -15,66 +15,13 @@ Two families of architecture are built:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import keras
 from keras import layers
 
 from restransfer.preprocessing import Preprocess
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    block: str  # "basic" | "bottleneck" | "preact"
-    depths: tuple[int, int, int, int]
-    feature_dim: int
-    keras_application: str | None  # keras.applications constructor name, if Keras has the net
-
-    @property
-    def has_keras_imagenet(self) -> bool:
-        return self.keras_application is not None
-
-    @property
-    def torchvision_importable(self) -> bool:
-        return self.block != "preact"
-
-    def default_preprocessing(self, layout: str) -> str:
-        if layout == "torchvision":
-            return "torch"
-        return "tf" if self.block == "preact" else "caffe"
-
-
-_SPECS = [
-    BackboneSpec("resnet18", "basic", (2, 2, 2, 2), 512, None),
-    BackboneSpec("resnet34", "basic", (3, 4, 6, 3), 512, None),
-    BackboneSpec("resnet50", "bottleneck", (3, 4, 6, 3), 2048, "ResNet50"),
-    BackboneSpec("resnet101", "bottleneck", (3, 4, 23, 3), 2048, "ResNet101"),
-    BackboneSpec("resnet152", "bottleneck", (3, 8, 36, 3), 2048, "ResNet152"),
-    BackboneSpec("resnet50v2", "preact", (3, 4, 6, 3), 2048, "ResNet50V2"),
-    BackboneSpec("resnet101v2", "preact", (3, 4, 23, 3), 2048, "ResNet101V2"),
-    BackboneSpec("resnet152v2", "preact", (3, 8, 36, 3), 2048, "ResNet152V2"),
-]
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
-
-
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone`, shallowest first."""
-    return list(BACKBONES)
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name.lower()]
-    except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name.lower(), BACKBONES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown backbone {name!r}.{hint} Available: {', '.join(BACKBONES)}"
-        ) from None
+from restransfer.registry import BACKBONES, BackboneSpec, describe_backbones, get_spec, list_backbones
 
 
 def build_backbone(
@@ -198,26 +145,10 @@ def _torchvision_layout(x, spec: BackboneSpec):
     return x
 
 
-def describe_backbones() -> list[dict]:
-    """One row per backbone for tables: name, block, depths, width, weights origins."""
-    rows = []
-    for spec in _SPECS:
-        rows.append(
-            {
-                "name": spec.name,
-                "block": spec.block,
-                "blocks_per_stage": "-".join(map(str, spec.depths)),
-                "feature_dim": spec.feature_dim,
-                "imagenet_via_keras": spec.has_keras_imagenet,
-                "torchvision_import": spec.torchvision_importable,
-            }
-        )
-    return rows
-
-
 def count_params(name: str) -> int:
     """Parameter count of the pooled feature extractor (built without weights)."""
     return build_backbone(name, weights=None, input_shape=(64, 64, 3)).count_params()
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "build_backbone", "list_backbones", "get_spec"]
+__all__ = ["BACKBONES", "BackboneSpec", "build_backbone", "describe_backbones", "get_spec",
+           "list_backbones"]

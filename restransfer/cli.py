@@ -20,16 +20,19 @@ def _quiet_tensorflow() -> None:
 
 
 def cmd_backbones(args) -> int:
-    from restransfer.backbones import describe_backbones
+    from restransfer.registry import describe_backbones
 
     rows = describe_backbones()
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    print(f"{'name':<12} {'block':<10} {'blocks':<10} {'features':>8}  ImageNet via Keras  torchvision import")
+    print(f"{'name':<12} {'block':<10} {'blocks':<9} {'features':>8} {'params':>7}  "
+          f"{'ImageNet (Keras)':<22}  torchvision import")
     for row in rows:
-        print(f"{row['name']:<12} {row['block']:<10} {row['blocks_per_stage']:<10} "
-              f"{row['feature_dim']:>8}  {'yes' if row['imagenet_via_keras'] else 'no':<18}  "
+        imagenet = ("in cache (offline ok)" if row["imagenet_cached"] else "download needed") \
+            if row["imagenet_via_keras"] else "none; use a .pth"
+        print(f"{row['name']:<12} {row['block']:<10} {row['blocks_per_stage']:<9} "
+              f"{row['feature_dim']:>8} {row['params'] / 1e6:>6.1f}M  {imagenet:<22}  "
               f"{'yes' if row['torchvision_import'] else 'no'}")
     print("stages: stem, stage1, stage2, stage3, stage4")
     return EXIT_OK

@@ -13,6 +13,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from restransfer.registry import keras_cache_dir, keras_imagenet_filename
+
 TORCHVISION_SUFFIXES = (".pth", ".pt", ".safetensors")
 KERAS_SUFFIXES = (".weights.h5", ".h5", ".keras")
 
@@ -41,19 +43,6 @@ def classify_weights(weights) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     return kind
-
-
-def keras_cache_dir() -> Path:
-    """The directory Keras' ``get_file`` caches into (``$KERAS_HOME`` or ``~/.keras``)."""
-    if "KERAS_HOME" in os.environ:
-        return Path(os.environ["KERAS_HOME"])
-    home = Path(os.path.expanduser("~")) / ".keras"
-    return home if os.access(home.parent, os.W_OK) else Path("/tmp/.keras")
-
-
-def keras_imagenet_filename(backbone: str) -> str:
-    # The file name keras.applications.resnet asks get_file for (include_top=False).
-    return f"{backbone}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 def no_keras_imagenet_message(backbone: str) -> str:

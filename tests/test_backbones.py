@@ -26,6 +26,7 @@ def test_backbone_contract(name):
     model = rt.build_backbone(name, weights=None, input_shape=(32, 32, 3), pooling="avg")
     assert model.name == name
     assert model.output_shape == (None, spec.feature_dim)
+    assert model.count_params() == spec.params, "registry's params column is the real count"
     groups = stages.stage_layers(model)
     assert list(groups) == list(rt.STAGES)
     assert all(groups[s] for s in rt.STAGES), "every stage holds layers"

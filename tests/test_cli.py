@@ -31,6 +31,7 @@ def test_backbones_table_json():
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows][:2] == ["resnet18", "resnet34"]
     assert rows[2]["imagenet_via_keras"] and not rows[0]["imagenet_via_keras"]
+    assert rows[0]["params"] == 11_186_112
 
 
 def test_bad_usage_exits_2():

@@ -1,0 +1,98 @@
+"""The backbone registry as plain data (no TensorFlow import), so that the CLI and recipe
+validation can name and check backbones instantly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    block: str  # "basic" | "bottleneck" | "preact"
+    depths: tuple[int, int, int, int]
+    feature_dim: int
+    keras_application: str | None  # keras.applications constructor name, if Keras has the net
+    params: int  # feature extractor (no head) as built by default; checked by a test
+
+    @property
+    def has_keras_imagenet(self) -> bool:
+        return self.keras_application is not None
+
+    @property
+    def torchvision_importable(self) -> bool:
+        return self.block != "preact"
+
+    def default_preprocessing(self, layout: str) -> str:
+        if layout == "torchvision":
+            return "torch"
+        return "tf" if self.block == "preact" else "caffe"
+
+
+_SPECS = [
+    BackboneSpec("resnet18", "basic", (2, 2, 2, 2), 512, None, 11_186_112),
+    BackboneSpec("resnet34", "basic", (3, 4, 6, 3), 512, None, 21_301_696),
+    BackboneSpec("resnet50", "bottleneck", (3, 4, 6, 3), 2048, "ResNet50", 23_587_712),
+    BackboneSpec("resnet101", "bottleneck", (3, 4, 23, 3), 2048, "ResNet101", 42_658_176),
+    BackboneSpec("resnet152", "bottleneck", (3, 8, 36, 3), 2048, "ResNet152", 58_370_944),
+    BackboneSpec("resnet50v2", "preact", (3, 4, 6, 3), 2048, "ResNet50V2", 23_564_800),
+    BackboneSpec("resnet101v2", "preact", (3, 4, 23, 3), 2048, "ResNet101V2", 42_626_560),
+    BackboneSpec("resnet152v2", "preact", (3, 8, 36, 3), 2048, "ResNet152V2", 58_331_648),
+]
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`, shallowest first."""
+    return list(BACKBONES)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name.lower()]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), BACKBONES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown backbone {name!r}.{hint} Available: {', '.join(BACKBONES)}"
+        ) from None
+
+
+def describe_backbones() -> list[dict]:
+    """One row per backbone for tables: name, block, depths, width, weights origins."""
+    rows = []
+    for spec in _SPECS:
+        rows.append(
+            {
+                "name": spec.name,
+                "block": spec.block,
+                "blocks_per_stage": "-".join(map(str, spec.depths)),
+                "feature_dim": spec.feature_dim,
+                "params": spec.params,
+                "imagenet_cached": spec.has_keras_imagenet and imagenet_cache_path(spec.name).is_file(),
+                "imagenet_via_keras": spec.has_keras_imagenet,
+                "torchvision_import": spec.torchvision_importable,
+            }
+        )
+    return rows
+
+
+def keras_cache_dir() -> Path:
+    """The directory Keras' ``get_file`` caches into (``$KERAS_HOME`` or ``~/.keras``)."""
+    if "KERAS_HOME" in os.environ:
+        return Path(os.environ["KERAS_HOME"])
+    home = Path(os.path.expanduser("~")) / ".keras"
+    return home if os.access(home.parent, os.W_OK) else Path("/tmp/.keras")
+
+
+def keras_imagenet_filename(backbone: str) -> str:
+    # The file name keras.applications.resnet asks get_file for (include_top=False).
+    return f"{backbone}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    return keras_cache_dir() / "models" / keras_imagenet_filename(backbone)
