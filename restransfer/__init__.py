@@ -15,14 +15,15 @@ _LAZY = {
     "build_backbone": "restransfer.backbones",
     "describe_backbones": "restransfer.registry",
     "ClassificationRecipe": "restransfer.recipes",
-    "Phase": "restransfer.training",
+    "Phase": "restransfer.phases",
+    "preset": "restransfer.phases",
     "freeze": "restransfer.stages",
     "unfreeze": "restransfer.stages",
     "stage_layers": "restransfer.stages",
     "STAGES": "restransfer.stages",
     "export_saved_model": "restransfer.export",
 }
-_SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training",
+_SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training", "phases",
                "recipes", "export", "preprocessing")
 
 __all__ = sorted(_LAZY) + ["__version__"]

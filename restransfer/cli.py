@@ -58,7 +58,7 @@ def cmd_quickstart(args) -> int:
     _quiet_tensorflow()
     from restransfer import data as data_lib
     from restransfer.recipes import ClassificationRecipe
-    from restransfer.training import Phase
+    from restransfer.phases import Phase
 
     out = Path(args.out)
     phases = [Phase("head", epochs=args.epochs, lr=1e-3), Phase("all", epochs=args.epochs, lr=3e-4)]

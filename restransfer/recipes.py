@@ -14,7 +14,8 @@ from restransfer import data as data_lib
 from restransfer import stages as stages_lib
 from restransfer.backbones import build_backbone, get_spec
 from restransfer.heads import ClassifierHead, find_head
-from restransfer.training import Phase, TrainingHistory, default_phases, run_phases
+from restransfer.phases import Phase, default_phases, preset
+from restransfer.training import TrainingHistory, compile_model, one_hot_labels, run_phases
 
 
 def configure_precision(precision: str = "auto") -> str:
@@ -51,7 +52,7 @@ class ClassificationRecipe:
         multi_label: bool = False,
         head_dropout: float = 0.2,
         head_hidden_units: int | None = None,
-        phases: list[Phase] | None = None,
+        phases: list[Phase] | str | None = None,
         batch_size: int = 32,
         augmentation="light",
         early_stopping_patience: int | None = 3,
@@ -76,6 +77,8 @@ class ClassificationRecipe:
         self.multi_label = multi_label
         self.head_dropout = head_dropout
         self.head_hidden_units = head_hidden_units
+        if isinstance(phases, str):
+            phases = preset(phases)
         self.phases = list(phases) if phases is not None else default_phases()
         self.batch_size = batch_size
         self.augmentation = augmentation
@@ -183,9 +186,11 @@ class ClassificationRecipe:
             self._pipeline(val, training=False) if val is not None else None,
             steps_per_epoch=steps,
             multi_label=self.multi_label,
+            num_classes=self.num_classes,
             patience=self.early_stopping_patience,
             callbacks=callbacks,
             verbose=verbose,
+            seed=self.seed,
         )
         if self.skipped:
             print(f"{len(self.skipped)} unusable file(s) skipped: "
@@ -193,16 +198,29 @@ class ClassificationRecipe:
                   + (" ..." if len(self.skipped) > 5 else ""))
         return self.history
 
+    def lr_find(self, train_data, phase: int | Phase = 0, steps: int = 200, min_lr: float = 1e-7,
+                max_lr: float = 1.0):
+        """Learning-rate range test for a phase (index into ``self.phases`` or a Phase);
+        the model's weights are restored afterwards. See :mod:`restransfer.lr_finder`."""
+        from restransfer.lr_finder import find_lr
+
+        train, _, _ = self._training_data(train_data, None)
+        if self.model is None:
+            self.build()
+        phase = self.phases[phase] if isinstance(phase, int) else phase
+        return find_lr(self.model, self._pipeline(train, training=True), phase, self.num_classes,
+                       self.multi_label, min_lr=min_lr, max_lr=max_lr, steps=steps)
+
     def evaluate(self, data, verbose=0) -> dict[str, float]:
         """Loss and metrics on labelled data (same kinds of input as ``fit``)."""
         model = self._require_model()
-        if model.optimizer is None or not model.compiled:
-            from restransfer.training import compile_model
-
-            compile_model(model, 1e-3, self.multi_label)
+        if not model.compiled:
+            compile_model(model, keras.optimizers.Adam(), self.multi_label)
         source = data if _is_tf_dataset(data) else self._as_data(data, split="test")
-        result = model.evaluate(self._pipeline(source, training=False), verbose=verbose,
-                                return_dict=True)
+        pipeline = self._pipeline(source, training=False)
+        if not self.multi_label:
+            pipeline = one_hot_labels(pipeline, self.num_classes)
+        result = model.evaluate(pipeline, verbose=verbose, return_dict=True)
         return {k: float(v) for k, v in result.items()}
 
     def predict(self, images, batch_size: int | None = None) -> np.ndarray:
@@ -251,7 +269,7 @@ class ClassificationRecipe:
             "weights": weights,
             "image_size": self.image_size,
             "channels": self.channels,
-            "phases": [vars(phase) for phase in self.phases],
+            "phases": [phase.model_dump(exclude_defaults=True) for phase in self.phases],
             "history": (self.history.history if self.history else None),
             "skipped_files": len(self.skipped),
         }

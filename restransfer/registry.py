@@ -42,6 +42,7 @@ _SPECS = [
     BackboneSpec("resnet152v2", "preact", (3, 8, 36, 3), 2048, "ResNet152V2", 58_331_648),
 ]
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
+STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
 
 
 def list_backbones() -> list[str]:
@@ -96,3 +97,25 @@ def keras_imagenet_filename(backbone: str) -> str:
 
 def imagenet_cache_path(backbone: str) -> Path:
     return keras_cache_dir() / "models" / keras_imagenet_filename(backbone)
+
+
+def parse_stages(spec: str) -> list[str]:
+    """Which backbone stages a trainable-spec makes trainable.
+
+    ``"head"`` or ``"none"`` -> none; ``"all"`` -> every stage; ``"stage4"`` -> that stage;
+    ``"stage3+"`` -> stage3 and everything above it.
+    """
+    spec = spec.strip().lower()
+    if spec in ("head", "none"):
+        return []
+    if spec == "all":
+        return list(STAGES)
+    upward = spec.endswith("+")
+    name = spec.rstrip("+")
+    if name not in STAGES:
+        raise ValueError(
+            f"Unknown stage spec {spec!r}: use 'head', 'all', one of {', '.join(STAGES)}, "
+            f"or a stage followed by '+' (e.g. 'stage3+')"
+        )
+    index = STAGES.index(name)
+    return list(STAGES[index:]) if upward else [name]

@@ -14,7 +14,8 @@ import re
 
 import keras
 
-STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
+from restransfer.registry import STAGES, parse_stages
+
 _STAGE_OF_PREFIX = {"conv1": "stem", "pool1": "stem", "conv2": "stage1", "conv3": "stage2",
                     "conv4": "stage3", "conv5": "stage4", "post": "stage4"}
 _PREFIX = re.compile(r"^(conv\d|pool\d|post)_")
@@ -44,28 +45,6 @@ def stage_layers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
         if stage:
             stages[stage].append(layer)
     return stages
-
-
-def parse_stages(spec: str) -> list[str]:
-    """Which backbone stages a trainable-spec makes trainable.
-
-    ``"head"`` or ``"none"`` -> none; ``"all"`` -> every stage; ``"stage4"`` -> that stage;
-    ``"stage3+"`` -> stage3 and everything above it.
-    """
-    spec = spec.strip().lower()
-    if spec in ("head", "none"):
-        return []
-    if spec == "all":
-        return list(STAGES)
-    upward = spec.endswith("+")
-    name = spec.rstrip("+")
-    if name not in STAGES:
-        raise ValueError(
-            f"Unknown stage spec {spec!r}: use 'head', 'all', one of {', '.join(STAGES)}, "
-            f"or a stage followed by '+' (e.g. 'stage3+')"
-        )
-    index = STAGES.index(name)
-    return list(STAGES[index:]) if upward else [name]
 
 
 def set_trainable_stages(model: keras.Model, trainable: list[str], train_bn: bool = False) -> None:

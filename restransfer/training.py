@@ -1,8 +1,9 @@
-"""Fine-tuning phases: what is trainable, for how long, at which learning rate.
+"""Running fine-tuning phases: schedules, per-stage learning rates, the fit loop.
 
-A recipe is a list of :class:`Phase`. Each phase sets the trainable stages, compiles a fresh
-optimizer (so a change of trainable state can never meet a stale compiled step), and runs
-Keras ``fit`` with early stopping on the validation metric.
+Each phase sets the trainable stages, compiles a fresh optimizer (so a change of trainable
+state can never meet a stale compiled step), and runs Keras ``fit`` with early stopping on
+the validation metric. The schedule is a function of the optimizer's step counter, which
+is saved with the optimizer, so a checkpoint carries the schedule's state.
 """
 
 from __future__ import annotations
@@ -11,55 +12,51 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 
 from restransfer import stages as stages_lib
-
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclasses.dataclass
-class Phase:
-    """One fine-tuning phase.
-
-    Attributes:
-        trainable: ``"head"``, ``"all"``, a stage (``"stage4"``) or ``"stage3+"``.
-        epochs: epochs in this phase (early stopping may end it sooner).
-        lr: peak learning rate.
-        schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the phase, after warmup).
-        warmup_epochs: linear warmup from 0 to ``lr``.
-        train_bn: keep BatchNorm of frozen stages trainable (default: inference mode).
-    """
-
-    trainable: str = "head"
-    epochs: int = 3
-    lr: float = 1e-3
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    train_bn: bool = False
-
-    def __post_init__(self):
-        stages_lib.parse_stages(self.trainable)  # raises on a bad spec
-        if self.epochs < 0:
-            raise ValueError(f"Phase.epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"Phase.lr must be > 0, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Phase.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"Phase.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+from restransfer.phases import Phase, default_phases, preset  # noqa: F401  (re-exported)
 
 
-def default_phases(epochs: int = 3) -> list[Phase]:
-    """Head only with the backbone frozen, then everything at a 10x lower rate."""
-    return [
-        Phase(trainable="head", epochs=epochs, lr=1e-3, schedule="cosine"),
-        Phase(trainable="all", epochs=epochs, lr=1e-4, schedule="cosine", warmup_epochs=0.5),
-    ]
+# --- schedules -----------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="restransfer")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """fastai/Smith one-cycle: cosine warm-up from max_lr/div to max_lr over ``pct_start``
+    of the steps, then cosine annealing to max_lr/final_div."""
+
+    def __init__(self, max_lr, total_steps, pct_start=0.3, div=25.0, final_div=1e4):
+        self.max_lr, self.total_steps = float(max_lr), int(total_steps)
+        self.pct_start, self.div, self.final_div = float(pct_start), float(div), float(final_div)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warm = max(1.0, self.pct_start * self.total_steps)
+        cool = max(1.0, self.total_steps - warm)
+
+        def cosine(start, end, fraction):
+            fraction = keras.ops.clip(fraction, 0.0, 1.0)
+            return end + (start - end) * (1 + keras.ops.cos(math.pi * fraction)) / 2
+
+        up = cosine(self.max_lr / self.div, self.max_lr, step / warm)
+        down = cosine(self.max_lr, self.max_lr / self.final_div, (step - warm) / cool)
+        return keras.ops.where(step < warm, up, down)
+
+    def get_config(self):
+        return {"max_lr": self.max_lr, "total_steps": self.total_steps, "pct_start": self.pct_start,
+                "div": self.div, "final_div": self.final_div}
 
 
 def learning_rate(phase: Phase, steps_per_epoch: int):
-    """A Keras schedule (or float) for the phase."""
+    """A Keras schedule (or float) for the phase's base rate."""
     total = max(1, int(phase.epochs * steps_per_epoch))
+    if phase.schedule == "one_cycle":
+        return OneCycle(phase.lr, total)
+    if phase.schedule == "step":
+        boundaries = list(range(phase.step_epochs * steps_per_epoch, total, phase.step_epochs * steps_per_epoch))
+        values = [phase.lr * phase.step_gamma ** i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else phase.lr
     warmup = min(total - 1, int(round(phase.warmup_epochs * steps_per_epoch)))
     if phase.schedule == "constant" and warmup == 0:
         return phase.lr
@@ -72,6 +69,109 @@ def learning_rate(phase: Phase, steps_per_epoch: int):
     )
 
 
+# --- per-stage learning rates --------------------------------------------------------------
+
+
+def _with_lr_multipliers(base):
+    """An optimizer class whose update of each variable uses ``lr * multiplier[variable]``.
+
+    Keras 3 has no per-layer learning rates (keras-team/keras#21741). Scaling the rate
+    inside ``update_step`` is exact for every optimizer (Adam's update is linear in the
+    rate; scaling gradients instead would be undone by Adam's normalisation). Decoupled
+    weight decay (AdamW) still uses the base rate.
+    """
+
+    class StageRateOptimizer(base):
+        def __init__(self, *args, lr_multipliers=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lr_multipliers = dict(lr_multipliers or {})
+
+        def build(self, variables):
+            super().build(variables)
+            self._multiplier_by_index = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            multiplier = self._multiplier_by_index[self._get_variable_index(variable)]
+            if multiplier != 1.0:
+                learning_rate = learning_rate * multiplier
+            return super().update_step(gradient, variable, learning_rate)
+
+        def get_config(self):
+            return {**super().get_config(), "lr_multipliers": self.lr_multipliers}
+
+    StageRateOptimizer.__name__ = f"StageRate{base.__name__}"
+    return keras.saving.register_keras_serializable(package="restransfer")(StageRateOptimizer)
+
+
+StageRateAdam = _with_lr_multipliers(keras.optimizers.Adam)
+StageRateAdamW = _with_lr_multipliers(keras.optimizers.AdamW)
+StageRateSGD = _with_lr_multipliers(keras.optimizers.SGD)
+
+
+def lr_multipliers(model: keras.Model, phase: Phase) -> dict[str, float]:
+    """variable path -> rate relative to the head, for the phase's trainable stages."""
+    rates = phase.stage_learning_rates()
+    multipliers = {}
+    for stage, layers in stages_lib.stage_layers(model).items():
+        if stage in rates and rates[stage] != phase.lr:
+            for layer in layers:
+                for variable in layer.trainable_weights:
+                    multipliers[variable.path] = rates[stage] / phase.lr
+    return multipliers
+
+
+def make_optimizer(model: keras.Model, phase: Phase, steps_per_epoch: int):
+    lr = learning_rate(phase, steps_per_epoch)
+    common = dict(learning_rate=lr, lr_multipliers=lr_multipliers(model, phase), use_ema=phase.ema,
+                  global_clipnorm=phase.gradient_clip)
+    if phase.optimizer == "sgd":
+        optimizer = StageRateSGD(momentum=0.9, nesterov=True,
+                                 weight_decay=phase.weight_decay or None, **common)
+    elif phase.optimizer == "adamw":
+        optimizer = StageRateAdamW(weight_decay=phase.weight_decay, **common)
+    else:
+        optimizer = StageRateAdam(**common)
+    if phase.weight_decay:
+        # No decay on BatchNorm scale/offset or biases (the usual AdamW practice).
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+# --- labels, metrics, compile --------------------------------------------------------------
+
+
+def one_hot_labels(ds, num_classes: int):
+    """Batched (images, class ids) -> (images, one-hot); already one-hot data is unchanged.
+    Single-label training always uses one-hot targets so smoothing and MixUp apply."""
+    import tensorflow as tf
+
+    label_shape = ds.element_spec[1].shape
+    if label_shape.rank == 2 and label_shape[-1] == num_classes and num_classes > 1:
+        return ds
+    return ds.map(lambda x, y: (x, tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), num_classes)))
+
+
+def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 0.0) -> None:
+    if multi_label:
+        loss = keras.losses.BinaryCrossentropy()
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"),
+                   keras.metrics.AUC(multi_label=True, name="auc")]
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+def apply_mixup(ds, alpha: float, seed: int):
+    if not alpha:
+        return ds
+    mix = keras.layers.MixUp(alpha=alpha, seed=seed)
+    return ds.map(lambda x, y: tuple(mix({"images": x, "labels": y}, training=True).values()))
+
+
+# --- history and the loop ------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class TrainingHistory:
     """Per-epoch metrics across all phases, with where each phase started."""
@@ -80,31 +180,46 @@ class TrainingHistory:
     phase_starts: list[int] = dataclasses.field(default_factory=list)
     phases: list[Phase] = dataclasses.field(default_factory=list)
 
-    def add(self, phase: Phase, keras_history: keras.callbacks.History) -> None:
-        epochs_so_far = len(next(iter(self.history.values()), []))
+    def add(self, phase: Phase, epoch_logs: dict[str, list[float]]) -> None:
+        epochs_so_far = self.epochs
         self.phase_starts.append(epochs_so_far)
         self.phases.append(phase)
-        for key, values in keras_history.history.items():
+        added = len(next(iter(epoch_logs.values()), []))
+        for key, values in epoch_logs.items():
             column = self.history.setdefault(key, [math.nan] * epochs_so_far)
             column.extend(float(v) for v in values)
         for column in self.history.values():  # metrics absent in this phase
-            column.extend([math.nan] * (epochs_so_far + len(keras_history.epoch) - len(column)))
+            column.extend([math.nan] * (epochs_so_far + added - len(column)))
 
     @property
     def epochs(self) -> int:
         return len(next(iter(self.history.values()), []))
 
+    def to_dict(self) -> dict:
+        return {"history": self.history, "phase_starts": self.phase_starts,
+                "phases": [p.model_dump() for p in self.phases]}
 
-def compile_model(model: keras.Model, lr, multi_label: bool, jit_compile=False) -> None:
-    if multi_label:
-        loss = keras.losses.BinaryCrossentropy()
-        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"),
-                   keras.metrics.AUC(multi_label=True, name="auc")]
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss,
-                  metrics=metrics, jit_compile=jit_compile)
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss; the phase was stopped."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first non-finite batch loss and remembers where it happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = (self._epoch + 1, batch + 1)
+            self.model.stop_training = True
 
 
 def run_phases(
@@ -114,31 +229,45 @@ def run_phases(
     val_ds,
     steps_per_epoch: int,
     multi_label: bool,
+    num_classes: int,
     patience: int | None = 3,
     callbacks=None,
     verbose="auto",
+    seed: int = 0,
+    start_phase: int = 0,
+    history: TrainingHistory | None = None,
+    on_phase_end=None,
 ) -> TrainingHistory:
-    history = TrainingHistory()
-    epoch = 0
+    """Runs ``phases[start_phase:]``; ``on_phase_end(index, history)`` after each."""
+    history = history or TrainingHistory()
+    if not multi_label:
+        train_ds = one_hot_labels(train_ds, num_classes)
+        val_ds = one_hot_labels(val_ds, num_classes) if val_ds is not None else None
     monitor = "val_auc" if multi_label else "val_accuracy"
-    for index, phase in enumerate(phases):
+    for index in range(start_phase, len(phases)):
+        phase = phases[index]
         if phase.epochs == 0:
             continue
         stages_lib.set_trainable_stages(
             model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
         )
-        compile_model(model, learning_rate(phase, steps_per_epoch), multi_label)
-        phase_callbacks = list(callbacks or [])
+        compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+                      phase.label_smoothing if not multi_label else 0.0)
+        guard = StopOnNonFiniteLoss()
+        phase_callbacks = list(callbacks or []) + [guard]
         if patience and val_ds is not None:
             phase_callbacks.append(
                 keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience,
                                               restore_best_weights=True)
             )
         if verbose:
-            print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} "
-                  f"epochs={phase.epochs} lr={phase.lr:g} schedule={phase.schedule}")
+            rates = phase.stage_learning_rates()
+            spread = f" stages {min(rates.values()):.2g}..{max(rates.values()):.2g}" if rates else ""
+            print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} epochs={phase.epochs} "
+                  f"lr={phase.lr:g}{spread} schedule={phase.schedule}")
+        epoch = history.epochs
         result = model.fit(
-            train_ds,
+            apply_mixup(train_ds, phase.mixup, seed),
             validation_data=val_ds,
             epochs=epoch + phase.epochs,
             initial_epoch=epoch,
@@ -146,6 +275,13 @@ def run_phases(
             shuffle=False,  # pipelines shuffle themselves, seeded
             verbose=verbose,
         )
-        history.add(phase, result)
-        epoch += len(result.epoch)
+        if guard.where is not None:
+            raise NonFiniteLoss(
+                f"phase {index + 1} ({phase.trainable}): the loss became NaN/Inf at epoch "
+                f"{guard.where[0]}, step {guard.where[1]}. The learning rate ({phase.lr:g}) is "
+                f"the usual cause: lower it (try `restransfer lr-find`) or set gradient_clip."
+            )
+        history.add(phase, result.history)
+        if on_phase_end is not None:
+            on_phase_end(index, history)
     return history

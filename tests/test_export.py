@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 import restransfer as rt
-from restransfer.training import Phase
+from restransfer.phases import Phase
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import restransfer as rt
-from restransfer.training import Phase, TrainingHistory, learning_rate
+from restransfer.phases import Phase
+from restransfer.training import TrainingHistory, learning_rate
 
 from conftest import HYMENOPTERA, STANDIN_WEIGHTS, require_shared, require_torch
 
