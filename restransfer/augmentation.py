@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 
-import albumentations as A
 import numpy as np
 
 PRESETS: dict[str, list[dict]] = {
@@ -39,13 +38,18 @@ PRESETS: dict[str, list[dict]] = {
 }
 
 
-def build_transform(spec, image_size: int) -> A.Compose | None:
+PRESET_NAMES = tuple(PRESETS)
+
+
+def build_transform(spec, image_size: int):
     """An albumentations Compose for a preset name or a list of transform specs.
 
     Transforms that need the output size (``RandomResizedCrop``, ``Resize``, crops) get
     ``size``/``height``/``width`` filled in from ``image_size`` unless given.
     Unknown names or bad arguments raise ``ValueError`` naming the transform.
     """
+    import albumentations as A  # ~1.7 s to import: only when a pipeline is built
+
     if spec is None:
         spec = "none"
     if isinstance(spec, str):

@@ -39,16 +39,9 @@ def cmd_backbones(args) -> int:
 
 
 def _digits_data(seed: int):
-    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 scans, no download."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
     from restransfer import data as data_lib
 
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    all_data = data_lib.from_arrays(images, digits.target, class_names=[str(i) for i in range(10)])
-    rest, test = data_lib.stratified_split(all_data, 0.2, seed)
+    rest, test = data_lib.stratified_split(data_lib.sklearn_digits(), 0.2, seed)
     train, val = data_lib.stratified_split(rest, 0.2, seed)
     return train, val, test
 
@@ -100,9 +93,69 @@ def cmd_quickstart(args) -> int:
 
 
 def _load_recipe(path, unsafe: bool):
+    """A .keras model file, or a run directory (its model.keras)."""
     from restransfer.recipes import ClassificationRecipe
 
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model at {path} (give a .keras file or a run directory)")
     return ClassificationRecipe.load(path, safe_mode=not unsafe)
+
+
+def cmd_validate(args) -> int:
+    from restransfer.config import RecipeError, load_recipe
+
+    failed = 0
+    report = []
+    for path in args.recipes:
+        try:
+            load_recipe(path, args.set)
+            report.append({"recipe": path, "ok": True, "errors": []})
+            if not args.json:
+                print(f"{path}: ok")
+        except RecipeError as error:
+            failed += 1
+            report.append({"recipe": path, "ok": False, "errors": error.problems})
+            if not args.json:
+                print("\n".join(error.problems), file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from restransfer.config import load_recipe
+
+    load_recipe(args.recipe, args.set)  # bad recipes fail here, before TensorFlow loads
+    _quiet_tensorflow()
+    from restransfer import runs
+
+    run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
+                         verbose=2 if args.quiet_progress else "auto")
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir),
+                          "metrics": json.loads((run_dir / "metrics.json").read_text())}))
+    return EXIT_OK
+
+
+def cmd_lr_find(args) -> int:
+    from restransfer.config import load_recipe
+
+    config, _ = load_recipe(args.recipe, args.set)
+    _quiet_tensorflow()
+    from restransfer import runs
+
+    train_data, _, _ = runs.load_splits(config)
+    recipe = runs.recipe_from_config(config, class_names=train_data.class_names)
+    result = recipe.lr_find(train_data, phase=args.phase, steps=args.steps)
+    out = Path(args.plot or f"{config.name}_lr_find.png")
+    result.plot(out)
+    summary = {"phase": args.phase, "steepest": result.steepest, "valley": result.valley, "plot": str(out)}
+    print(json.dumps(summary) if args.json else
+          f"phase {args.phase}: valley {result.valley:.2e}, steepest {result.steepest:.2e}; plot: {out}")
+    return EXIT_OK
 
 
 def cmd_predict(args) -> int:
@@ -154,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backbones)
 
+    p = commands.add_parser("train", help="train a recipe file into a run directory")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set fine_tune[0].epochs=2 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet-progress", action="store_true", help="one line per epoch instead of bars")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("validate", help="check recipe files without running them")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = commands.add_parser("lr-find", help="learning-rate range test for a recipe's phase")
+    p.add_argument("recipe")
+    p.add_argument("--phase", type=int, default=0, help="index of the phase in fine_tune")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--plot", default=None, help="where to write the PNG")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lr_find)
+
     p = commands.add_parser("quickstart", help="fine-tune, evaluate and export on offline data")
     p.add_argument("data", nargs="?", help="image folder (class sub-folders, optional train/val/test); "
                                            "default: scikit-learn's bundled digits")
@@ -171,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("evaluate", cmd_evaluate, "metrics on a labelled image folder"),
                              ("export", cmd_export, "SavedModel for TensorFlow Serving")):
         p = commands.add_parser(name, help=text)
-        p.add_argument("model", help="a .keras file written by restransfer")
+        p.add_argument("model", help="a .keras file written by restransfer, or a run directory")
         p.add_argument("--unsafe", action="store_true",
                        help="allow code in the model file (Keras safe_mode off); only for files you trust")
         p.set_defaults(func=func)
@@ -193,8 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from restransfer.config import RecipeError
+
     try:
         return args.func(args)
+    except RecipeError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_USAGE
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"restransfer: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -402,6 +402,16 @@ def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
                      encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
 
 
+def sklearn_digits() -> ImageData:
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale scans, shipped
+    inside scikit-learn, so they need no download (``"sklearn:digits"`` in recipes)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return from_arrays(images, digits.target, class_names=[str(i) for i in range(10)])
+
+
 # --- splits (scikit-learn) -----------------------------------------------------------------
 
 
@@ -486,9 +496,11 @@ def find_duplicates(first: ImageData, second: ImageData) -> list[tuple[str, str]
 def as_image_data(source, class_names=None, split=None, policy="skip", channels=3) -> ImageData:
     """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`: an image
     folder, a ``.csv`` (path,label), an ``.npz`` (MedMNIST layout), ``"tfds:NAME[:SPLIT]"``,
-    or an ``(images, labels)`` tuple."""
+    ``"sklearn:digits"``, or an ``(images, labels)`` tuple."""
     if isinstance(source, ImageData):
         return source
+    if source == "sklearn:digits":
+        return sklearn_digits()
     if isinstance(source, str) and source.startswith("tfds:"):
         name, _, tfds_split = source.removeprefix("tfds:").partition(":")
         return from_tfds(name, split=tfds_split or split or "train", channels=channels)

@@ -238,6 +238,12 @@ class ClassificationRecipe:
         )
         return model.predict(resized, batch_size=batch_size or self.batch_size, verbose=0)
 
+    def predict_dataset(self, data) -> np.ndarray:
+        """Probabilities for every image of labelled data (folder, ImageData, ...), in order."""
+        source = data if _is_tf_dataset(data) else self._as_data(data, split="test")
+        images_only = self._pipeline(source, training=False).map(lambda x, *_: x)
+        return self._require_model().predict(images_only, verbose=0)
+
     def predict_labels(self, images) -> list:
         """Class names (single-label) or lists of names above 0.5 (multi-label)."""
         probabilities = self.predict(images)

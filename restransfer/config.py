@@ -1,0 +1,403 @@
+"""Recipe files: one YAML schema for every recipe, validated before anything heavy starts.
+
+* Read with ``yaml.safe_load`` semantics only (no tags, no code).
+* ``extends: base.yaml`` merges a parent recipe (mappings merge, lists are replaced).
+* ``--set fine_tune[0].epochs=2`` overrides any field from the command line.
+* Validation by pydantic; every error names file, line and field path, all at once:
+  ``recipes/x.yaml:14: fine_tune[1].lr: must be > 0, got -0.001``.
+* Relative paths in a recipe are relative to the file that holds them.
+
+No TensorFlow here: ``restransfer validate`` answers at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from restransfer.phases import PRESETS, Phase
+from restransfer.registry import BACKBONES, get_spec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneConfig(Strict):
+    name: str = "resnet50"
+    weights: str | None = Field("imagenet", description="'imagenet', null, or a weights file")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value):
+        get_spec(value)  # "Unknown backbone 'resnet05'. Did you mean 'resnet50'?"
+        return value.lower()
+
+
+class InputConfig(Strict):
+    image_size: int = Field(224, ge=32, le=1024)
+    channels: Literal[1, 3] = 3
+
+
+class CsvConfig(Strict):
+    path_column: str = "path"
+    label_column: str | None = "label"
+    label_columns: list[str] | None = None
+    separator: str | None = None
+    group_column: str | None = None
+
+
+class DataConfig(Strict):
+    source: str = Field(..., description="image folder, .csv, .npz, 'tfds:NAME[:SPLIT]' or 'sklearn:digits'")
+    validation: str | None = None
+    test: str | None = None
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    cv_folds: int | None = Field(None, ge=2, le=20)
+    batch_size: int = Field(32, ge=1, le=4096)
+    augmentation: str | list[dict[str, Any]] = "light"
+    bad_images: Literal["skip", "strict"] = "skip"
+    csv: CsvConfig = CsvConfig()
+
+    @field_validator("augmentation")
+    @classmethod
+    def _known_augmentation(cls, value):
+        from restransfer.augmentation import PRESET_NAMES
+
+        if isinstance(value, str) and value not in PRESET_NAMES:
+            close = difflib.get_close_matches(value, PRESET_NAMES, n=1)
+            raise ValueError(f"unknown augmentation preset {value!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESET_NAMES)}"))
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if not isinstance(item.get("name"), str):
+                    raise ValueError(f"[{index}]: each transform needs a 'name'")
+        return value
+
+
+class HeadConfig(Strict):
+    dropout: float = Field(0.2, ge=0, lt=1)
+    hidden_units: int | None = Field(None, ge=1, le=65536)
+
+
+class TrainingConfig(Strict):
+    early_stopping_patience: int | None = Field(3, ge=1)
+    checkpoints: bool = True
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+
+
+class EvaluationConfig(Strict):
+    top_k: int = Field(5, ge=1)
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    top_k: int = Field(5, ge=1)
+
+
+class RecipeConfig(Strict):
+    """The whole recipe. ``fine_tune`` is a list of phases or a preset name."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification", "multilabel"] = "classification"
+    backbone: BackboneConfig = BackboneConfig()
+    input: InputConfig = InputConfig()
+    data: DataConfig
+    head: HeadConfig = HeadConfig()
+    fine_tune: list[Phase] | str = "two_phase"
+    fine_tune_epochs: int = Field(6, ge=1, description="epoch budget when fine_tune is a preset")
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    export: ExportConfig = ExportConfig()
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs"
+
+    @field_validator("fine_tune")
+    @classmethod
+    def _known_preset(cls, value):
+        if isinstance(value, str) and value not in PRESETS:
+            close = difflib.get_close_matches(value, PRESETS, n=1)
+            raise ValueError(f"unknown preset {value!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"))
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one phase")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.task == "multilabel" and self.data.cv_folds:
+            raise ValueError("cross-validation (data.cv_folds) is for single-label tasks")
+        return self
+
+    def phases(self) -> list[Phase]:
+        from restransfer.phases import preset
+
+        if isinstance(self.fine_tune, str):
+            return preset(self.fine_tune, epochs=self.fine_tune_epochs)
+        return list(self.fine_tune)
+
+
+# --- errors with file:line ---------------------------------------------------------------
+
+
+class RecipeError(ValueError):
+    """One or more problems with a recipe; ``str()`` lists them one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def field_path(loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+class _Positions:
+    """Where each field path was written: (file, line) from YAML nodes."""
+
+    def __init__(self):
+        self.lines: dict[tuple, tuple[str, int]] = {}
+
+    def record(self, node, source: str, prefix: tuple = ()):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (key_node.value,)
+                self.lines[path] = (source, key_node.start_mark.line + 1)
+                self.record(value_node, source, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines[prefix + (index,)] = (source, item.start_mark.line + 1)
+                self.record(item, source, prefix + (index,))
+
+    def where(self, loc) -> str:
+        loc = tuple(loc)
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                source, line = self.lines[loc[:end]]
+                return f"{source}:{line}" if line else source
+        return "recipe"
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (for 'did you mean')."""
+    model: Any = RecipeConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _unwrap(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation):
+    for arg in typing.get_args(annotation) or (annotation,):
+        inner = typing.get_args(arg)
+        for candidate in (inner or (arg,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                return candidate
+    return annotation
+
+
+def _describe(error: dict) -> str:
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    if kind == "extra_forbidden":
+        holder = _model_at(loc[:-1])
+        options = list(holder.model_fields) if holder else []
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        return f"unknown key{f'; did you mean {close[0]!r}?' if close else ''}" + \
+               (f" (allowed: {', '.join(options)})" if options and not close else "")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        symbol = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+                  "less_than_equal": "<="}[kind]
+        limit = next(iter(error["ctx"].values()))
+        return f"must be {symbol} {limit}, got {value!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("missing",):
+        return "required field is missing"
+    if not isinstance(value, (dict, list)) and value is not None:
+        message += f", got {value!r}"
+    return message
+
+
+def _dedupe_union_errors(errors: list[dict]) -> list[dict]:
+    # A field typed `A | B` reports one error per branch; for fine_tune (list of phases or
+    # a preset name) keep the branch that matches what was written.
+    kept = []
+    for error in errors:
+        loc = error["loc"]
+        if loc and loc[0] == "fine_tune" and len(loc) > 1:
+            if loc[1] == "str" and isinstance(error.get("input"), list):
+                continue
+            if str(loc[1]).startswith("list[") and isinstance(error.get("input"), str):
+                continue
+            error = {**error, "loc": (loc[0],) + tuple(p for p in loc[2:])}
+        kept.append(error)
+    return kept
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path, positions: _Positions, prefix_paths: bool = False) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecipeError([f"{path}: cannot read recipe: {error.strerror or error}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError([f"{where}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}:1: a recipe is a mapping of fields, got {type(data).__name__}"])
+    if node is not None:
+        positions.record(node, str(path))
+    _relative_paths_to_absolute(data, path.parent)
+    return data
+
+
+# Fields holding paths, resolved against the directory of the file that sets them.
+_PATH_FIELDS = (("data", "source"), ("data", "validation"), ("data", "test"),
+                ("backbone", "weights"), ("output_dir",))
+
+
+def _is_pathlike(value) -> bool:
+    return (isinstance(value, str) and value and not re.match(r"^(tfds|sklearn):", value)
+            and value != "imagenet")
+
+
+def _relative_paths_to_absolute(data: dict, base: Path) -> None:
+    for path in _PATH_FIELDS:
+        holder = data
+        for key in path[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and _is_pathlike(holder.get(path[-1])):
+            value = os.path.expanduser(holder[path[-1]])
+            holder[path[-1]] = os.path.normpath(value if os.path.isabs(value) else base / value)
+
+
+def _load_with_extends(path: Path, positions: _Positions, seen: tuple = ()) -> dict:
+    path = path.resolve() if path.is_absolute() else path
+    if path.resolve() in seen:
+        raise RecipeError([f"{path}: 'extends' loops back to itself"])
+    data = _read_yaml(path, positions)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError([f"{positions.where(('extends',))}: extends: must be a file name"])
+    parent_path = Path(os.path.normpath(path.parent / parent))
+    child_positions = dict(positions.lines)
+    base = _load_with_extends(parent_path, positions, seen + (path.resolve(),))
+    positions.lines.update(child_positions)  # the child's lines win where it sets a field
+    return _merge(base, data)
+
+
+_SET = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\]|\.[A-Za-z_][\w]*)*)=(.*)$", re.S)
+
+
+def apply_override(data: dict, assignment: str, positions: _Positions) -> None:
+    """``fine_tune[0].epochs=2``: the value is parsed as YAML (safe_load)."""
+    match = _SET.match(assignment.strip())
+    if not match:
+        raise RecipeError([f"--set {assignment}: expected FIELD.PATH=VALUE, e.g. fine_tune[0].epochs=2"])
+    keys = [int(k[1:-1]) if k.startswith("[") else k
+            for k in re.findall(r"\[\d+\]|[A-Za-z_]\w*", match.group(1))]
+    try:
+        value = yaml.safe_load(match.group(2)) if match.group(2) else None
+    except yaml.YAMLError:
+        value = match.group(2)
+    holder: Any = data
+    for index, key in enumerate(keys[:-1]):
+        following = keys[index + 1]
+        if isinstance(key, int):
+            if not isinstance(holder, list) or key >= len(holder):
+                raise RecipeError([f"--set {assignment}: {field_path(keys[:index + 1])} does not exist"])
+            holder = holder[key]
+        else:
+            if not isinstance(holder, dict):
+                raise RecipeError([f"--set {assignment}: {field_path(keys[:index])} is not a mapping"])
+            holder = holder.setdefault(key, [] if isinstance(following, int) else {})
+    last = keys[-1]
+    if isinstance(last, int):
+        if not isinstance(holder, list) or last > len(holder):
+            raise RecipeError([f"--set {assignment}: {field_path(keys)} does not exist"])
+        holder[last:last + 1] = [value]
+    else:
+        if not isinstance(holder, dict):
+            raise RecipeError([f"--set {assignment}: {field_path(keys[:-1])} is not a mapping"])
+        holder[last] = value
+    positions.lines[tuple(keys)] = (f"--set {assignment}", 0)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True
+                ) -> tuple[RecipeConfig, dict]:
+    """Reads, merges, overrides and validates a recipe; returns (config, resolved dict).
+
+    Raises :class:`RecipeError` listing every problem found, each with file:line.
+    """
+    path = Path(path)
+    positions = _Positions()
+    data = _load_with_extends(path, positions)
+    for assignment in overrides:
+        apply_override(data, assignment, positions)
+    data.setdefault("name", path.stem)
+    try:
+        config = RecipeConfig.model_validate(data)
+    except ValidationError as error:
+        problems = [f"{positions.where(e['loc'])}: {field_path(e['loc'])}: {_describe(e)}"
+                    for e in _dedupe_union_errors(error.errors())]
+        raise RecipeError(problems) from None
+    augmentation = config.data.augmentation
+    if isinstance(augmentation, list):
+        from restransfer.augmentation import build_transform
+
+        try:
+            build_transform(augmentation, config.input.image_size)
+        except ValueError as error:
+            index = int(re.search(r"\[(\d+)\]", str(error)).group(1))
+            loc = ("data", "augmentation", index)
+            raise RecipeError([f"{positions.where(loc)}: {field_path(loc)}: {error}"]) from None
+    if check_paths:
+        problems = []
+        for field in _PATH_FIELDS:
+            value = config
+            for key in field:
+                value = getattr(value, key, None)
+            if field == ("output_dir",) or not _is_pathlike(value):
+                continue
+            if not os.path.exists(value):
+                problems.append(f"{positions.where(field)}: {field_path(field)}: no such file or directory: {value}")
+        if problems:
+            raise RecipeError(problems)
+    return config, config.model_dump(mode="json", exclude_none=True)
+
+
+def dump_recipe(resolved: dict) -> str:
+    return yaml.safe_dump(resolved, sort_keys=False)

@@ -1,0 +1,197 @@
+"""Running a recipe file: one run directory holding everything the run produced.
+
+    <output_dir>/<name>/
+      recipe.resolved.yaml   the recipe after extends/--set, paths absolute
+      split.csv              which file went to which split (file-based data)
+      metrics.csv            per-epoch metrics of every phase (Keras CSVLogger)
+      logs/                  TensorBoard
+      model.keras            the final model
+      metrics.json           validation/test metrics (cross-validation: per fold, mean, sd)
+      report.html            curves, confusion matrix, ROC, calibration, worst mistakes
+      export/<model>/<n>/    SavedModel for TensorFlow Serving (if export.enabled)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from restransfer import data as data_lib
+from restransfer.config import RecipeConfig, dump_recipe, load_recipe
+
+
+class RunDirectoryExists(FileExistsError):
+    pass
+
+
+def recipe_from_config(config: RecipeConfig, class_names=None):
+    """The Python equivalent of a recipe file (the same model for the same seed)."""
+    from restransfer.recipes import ClassificationRecipe
+
+    return ClassificationRecipe(
+        backbone=config.backbone.name,
+        weights=config.backbone.weights,
+        class_names=class_names,
+        image_size=config.input.image_size,
+        channels=config.input.channels,
+        multi_label=config.task == "multilabel",
+        head_dropout=config.head.dropout,
+        head_hidden_units=config.head.hidden_units,
+        phases=config.phases(),
+        batch_size=config.data.batch_size,
+        augmentation=config.data.augmentation,
+        early_stopping_patience=config.training.early_stopping_patience,
+        val_fraction=config.data.val_fraction,
+        bad_images=config.data.bad_images,
+        precision=config.training.precision,
+        seed=config.seed,
+    )
+
+
+def _read(source: str, config: RecipeConfig, split: str | None, class_names=None) -> data_lib.ImageData:
+    options = dict(policy=config.data.bad_images, channels=config.input.channels)
+    if source.lower().endswith(".csv"):
+        return data_lib.from_csv(source, class_names=class_names, **config.data.csv.model_dump(), **options)
+    return data_lib.as_image_data(source, class_names=class_names, split=split, **options)
+
+
+def load_splits(config: RecipeConfig):
+    """(train, val, test) as the recipe describes them; val/test may be None."""
+    source = config.data.source
+    train = _read(source, config, "train")
+    names = train.class_names
+    val = _read(config.data.validation, config, "val", names) if config.data.validation else None
+    test = _read(config.data.test, config, "test", names) if config.data.test else None
+    folder = Path(source) if os.path.isdir(source) else None
+    if val is None and folder is not None and data_lib.find_split_dir(folder, "val"):
+        val = data_lib.image_folder(folder, split="val", class_names=names, **_folder_options(config))
+    if test is None and folder is not None and data_lib.find_split_dir(folder, "test"):
+        test = data_lib.image_folder(folder, split="test", class_names=names, **_folder_options(config))
+    if val is None and not config.data.cv_folds and config.data.val_fraction and train.encoded is None:
+        train, val = data_lib.stratified_split(train, config.data.val_fraction, config.seed)
+    return train, val, test
+
+
+def _folder_options(config):
+    return dict(policy=config.data.bad_images, channels=config.input.channels)
+
+
+def prepare_run_dir(config: RecipeConfig, overwrite: bool, resume: bool) -> Path:
+    run_dir = Path(config.output_dir) / config.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirectoryExists(f"run directory {run_dir} exists; pass --overwrite to replace it "
+                                     "or --resume to continue it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise PermissionError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def _callbacks(run_dir: Path, tag: str = ""):
+    import keras
+
+    return [keras.callbacks.CSVLogger(str(run_dir / f"metrics{tag}.csv"), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / (tag.strip("_") or "train")),
+                                        write_graph=False, profile_batch=0)]
+
+
+def _predictions(recipe, data):
+    """Probabilities and the (resized) images of ``data``, in order, for the report."""
+    pipeline = recipe._pipeline(data, training=False)
+    images, probabilities = [], []
+    for batch_images, _ in pipeline:
+        probabilities.append(recipe.model.predict_on_batch(batch_images))
+        images.extend(batch_images.numpy()[: max(0, 400 - len(images))])  # a grid needs few
+    return np.concatenate(probabilities), np.asarray(images)
+
+
+def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str):
+    from restransfer.report import write_report
+
+    metrics = {}
+    for name, part in (("val", val), ("test", test)):
+        if part is not None:
+            metrics.update({f"{name}_{k}": v for k, v in recipe.evaluate(part).items()})
+    if val is not None:
+        probabilities, images = _predictions(recipe, val)
+        grid_images = images if len(images) == len(val) else None
+        notes = [f"backbone {config.backbone.name}, weights {config.backbone.weights}",
+                 f"{len(recipe.skipped)} unusable file(s) skipped"]
+        write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, val.labels,
+                     probabilities, grid_images, multi_label=recipe.multi_label, metrics=metrics,
+                     notes=notes)
+    return metrics
+
+
+def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="auto") -> Path:
+    """Trains a recipe file end to end; returns the run directory."""
+    config, resolved = load_recipe(recipe_path, overrides)
+    run_dir = prepare_run_dir(config, overwrite, resume)
+    (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(resolved))
+    train_data, val, test = load_splits(config)
+    if config.data.cv_folds:
+        return _cross_validate(config, train_data, run_dir, verbose)
+    if train_data.paths and (val is None or val.paths):
+        data_lib.write_split(run_dir / "split.csv",
+                             {k: v for k, v in (("train", train_data), ("val", val), ("test", test)) if v is not None})
+    recipe = recipe_from_config(config, class_names=train_data.class_names)
+    recipe.fit(train_data, validation_data=val, callbacks=_callbacks(run_dir), verbose=verbose)
+    recipe.save(run_dir / "model.keras")
+    metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}")
+    metrics["skipped_files"] = [{"path": s.path, "reason": s.reason} for s in recipe.skipped]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if config.export.enabled:
+        warmup = _warmup_images(val or train_data, config.input.channels)
+        recipe.export(run_dir / "export", model_name=config.export.model_name or config.name,
+                      top_k=config.export.top_k, warmup_images=warmup)
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _warmup_images(part, channels):
+    if part.images is not None:
+        return list(part.images[:4])
+    if part.paths:
+        return [data_lib.load_image(p, channels) for p in part.paths[:4]]
+    return None
+
+
+def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) -> Path:
+    """Stratified (group-aware) k-fold: a fresh model per fold, metrics per fold + mean/sd."""
+    from sklearn.metrics import roc_auc_score
+
+    folds = []
+    for index, (train_part, val_part) in enumerate(data_lib.kfold(everything, config.data.cv_folds, config.seed)):
+        print(f"fold {index + 1}/{config.data.cv_folds}: {len(train_part)} train, {len(val_part)} val")
+        fold_dir = run_dir / f"fold{index + 1}"
+        fold_dir.mkdir(exist_ok=True)
+        if train_part.paths:
+            data_lib.write_split(fold_dir / "split.csv", {"train": train_part, "val": val_part})
+        import keras
+
+        keras.backend.clear_session()
+        recipe = recipe_from_config(config, class_names=everything.class_names)
+        recipe.fit(train_part, validation_data=val_part, callbacks=_callbacks(run_dir, f"_fold{index + 1}"),
+                   verbose=verbose)
+        recipe.save(fold_dir / "model.keras")
+        metrics = _evaluate_and_report(recipe, fold_dir, config, val_part, None,
+                                       f"{config.name}: fold {index + 1}/{config.data.cv_folds}")
+        probabilities = recipe.predict_dataset(val_part)
+        if len(everything.class_names) == 2:
+            metrics["val_auc"] = float(roc_auc_score(val_part.labels, probabilities[:, 1]))
+        folds.append(metrics)
+    keys = sorted(set.intersection(*(set(f) for f in folds)))
+    summary = {k: {"mean": statistics.mean(f[k] for f in folds), "sd": statistics.stdev(f[k] for f in folds)}
+               for k in keys}
+    (run_dir / "metrics.json").write_text(json.dumps({"folds": folds, "summary": summary}, indent=2))
+    for key, value in summary.items():
+        print(f"{key}: {value['mean']:.4f} ± {value['sd']:.4f}")
+    print(f"run directory: {run_dir}")
+    return run_dir
