@@ -62,7 +62,12 @@ def build_transform(spec, image_size: int):
         name = item.pop("name", None)
         transform_class = getattr(A, name, None) if isinstance(name, str) else None
         if transform_class is None or not isinstance(transform_class, type):
-            raise ValueError(f"augmentation[{index}]: unknown albumentations transform {name!r}")
+            import difflib
+
+            known = [n for n in dir(A) if n[:1].isupper() and isinstance(getattr(A, n), type)]
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ValueError(f"augmentation[{index}]: unknown albumentations transform {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
         if name in ("RandomResizedCrop", "RandomSizedCrop", "Resize", "CenterCrop", "RandomCrop"):
             if name.endswith("ResizedCrop") or name == "RandomSizedCrop":
                 item.setdefault("size", (image_size, image_size))

@@ -223,7 +223,9 @@ def _describe(error: dict) -> str:
                   "less_than_equal": "<="}[kind]
         limit = next(iter(error["ctx"].values()))
         return f"must be {symbol} {limit}, got {value!r}"
-    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    message = error["msg"]
     if kind in ("missing",):
         return "required field is missing"
     if not isinstance(value, (dict, list)) and value is not None:
@@ -231,18 +233,17 @@ def _describe(error: dict) -> str:
     return message
 
 
-def _dedupe_union_errors(errors: list[dict]) -> list[dict]:
+def _dedupe_union_errors(errors: list[dict], data: dict) -> list[dict]:
     # A field typed `A | B` reports one error per branch; for fine_tune (list of phases or
     # a preset name) keep the branch that matches what was written.
+    written_list = isinstance(data.get("fine_tune"), list)
     kept = []
     for error in errors:
         loc = error["loc"]
-        if loc and loc[0] == "fine_tune" and len(loc) > 1:
-            if loc[1] == "str" and isinstance(error.get("input"), list):
+        if loc and loc[0] == "fine_tune" and len(loc) > 1 and isinstance(loc[1], str):
+            if (loc[1] == "str") == written_list:
                 continue
-            if str(loc[1]).startswith("list[") and isinstance(error.get("input"), str):
-                continue
-            error = {**error, "loc": (loc[0],) + tuple(p for p in loc[2:])}
+            error = {**error, "loc": (loc[0],) + tuple(loc[2:])}
         kept.append(error)
     return kept
 
@@ -356,11 +357,43 @@ def apply_override(data: dict, assignment: str, positions: _Positions) -> None:
     positions.lines[tuple(keys)] = (f"--set {assignment}", 0)
 
 
+def _path_problems(data: dict, positions: _Positions) -> list[str]:
+    problems = []
+    for field in _PATH_FIELDS:
+        value: Any = data
+        for key in field:
+            value = value.get(key) if isinstance(value, dict) else None
+        if field == ("output_dir",) or not _is_pathlike(value):
+            continue
+        if not os.path.exists(value):
+            problems.append(f"{positions.where(field)}: {field_path(field)}: no such file or directory: {value}")
+    return problems
+
+
+def _augmentation_problems(data: dict, positions: _Positions) -> list[str]:
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    augmentation = section.get("augmentation")
+    if not isinstance(augmentation, list) or not all(isinstance(i, dict) for i in augmentation):
+        return []
+    from restransfer.augmentation import build_transform  # imports albumentations (~1.7 s)
+
+    problems = []
+    for index, item in enumerate(augmentation):
+        try:
+            build_transform([item], 224)
+        except ValueError as error:
+            loc = ("data", "augmentation", index)
+            detail = re.sub(r"^augmentation\[\d+\]:?\s*", "", str(error))
+            problems.append(f"{positions.where(loc)}: {field_path(loc)}: {detail}")
+    return problems
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True
                 ) -> tuple[RecipeConfig, dict]:
     """Reads, merges, overrides and validates a recipe; returns (config, resolved dict).
 
-    Raises :class:`RecipeError` listing every problem found, each with file:line.
+    Raises :class:`RecipeError` listing every problem found (schema, missing paths,
+    unknown transforms), each with file:line.
     """
     path = Path(path)
     positions = _Positions()
@@ -368,34 +401,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_paths:
     for assignment in overrides:
         apply_override(data, assignment, positions)
     data.setdefault("name", path.stem)
+    problems = []
+    config = None
     try:
         config = RecipeConfig.model_validate(data)
     except ValidationError as error:
-        problems = [f"{positions.where(e['loc'])}: {field_path(e['loc'])}: {_describe(e)}"
-                    for e in _dedupe_union_errors(error.errors())]
-        raise RecipeError(problems) from None
-    augmentation = config.data.augmentation
-    if isinstance(augmentation, list):
-        from restransfer.augmentation import build_transform
-
-        try:
-            build_transform(augmentation, config.input.image_size)
-        except ValueError as error:
-            index = int(re.search(r"\[(\d+)\]", str(error)).group(1))
-            loc = ("data", "augmentation", index)
-            raise RecipeError([f"{positions.where(loc)}: {field_path(loc)}: {error}"]) from None
+        problems += [f"{positions.where(e['loc'])}: {field_path(e['loc'])}: {_describe(e)}"
+                     for e in _dedupe_union_errors(error.errors(), data)]
+    problems += _augmentation_problems(data, positions)
     if check_paths:
-        problems = []
-        for field in _PATH_FIELDS:
-            value = config
-            for key in field:
-                value = getattr(value, key, None)
-            if field == ("output_dir",) or not _is_pathlike(value):
-                continue
-            if not os.path.exists(value):
-                problems.append(f"{positions.where(field)}: {field_path(field)}: no such file or directory: {value}")
-        if problems:
-            raise RecipeError(problems)
+        problems += _path_problems(data, positions)
+    if problems:
+        raise RecipeError(problems)
     return config, config.model_dump(mode="json", exclude_none=True)
 
 

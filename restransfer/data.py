@@ -362,8 +362,11 @@ def from_csv(
 
 
 def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) -> ImageData:
-    """Arrays in an .npz with the MedMNIST layout: ``<split>_images``, ``<split>_labels``."""
+    """Arrays in an .npz with the MedMNIST layout: ``<split>_images``, ``<split>_labels``
+    (class ids, or 0/1 rows for multi-label), and optionally ``class_names``."""
     with np.load(path, allow_pickle=False) as archive:
+        if class_names is None and "class_names" in archive:
+            class_names = [str(name) for name in archive["class_names"]]
         keys = (f"{split}_images", f"{split}_labels")
         missing = [k for k in keys if k not in archive]
         if missing:

@@ -60,8 +60,11 @@ class Phase(BaseModel):
     ema: bool = False
     gradient_clip: float | None = Field(None, gt=0)
 
-    def __init__(self, trainable: str = "head", /, **fields):
-        super().__init__(trainable=trainable, **fields)
+    def __init__(self, trainable: str | None = None, /, **fields):
+        # Phase("head", epochs=2) as well as Phase(trainable="head", epochs=2)
+        if trainable is not None:
+            fields["trainable"] = trainable
+        super().__init__(**fields)
 
     @field_validator("trainable")
     @classmethod
