@@ -77,33 +77,45 @@ class ImageData:
         )
 
     @property
-    def dataset(self):
-        """Unbatched tf.data pipeline of (image uint8 HxWxC, label)."""
+    def random_access(self) -> bool:
+        """True when any image can be fetched by index (files, arrays; not TFDS streams)."""
+        return self.encoded is None
+
+    def fetcher(self):
+        """A TF function: index -> (image, label), for files and in-memory arrays."""
         import tensorflow as tf
 
-        labels = tf.data.Dataset.from_tensor_slices(self.labels)
+        labels = tf.constant(self.labels)
         if self.images is not None:
-            return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(self.images), labels)
-        channels = self.channels
+            images = tf.constant(self.images)
+            return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+        channels, keep = self.channels, self.keep_precision
+        dtype = tf.float32 if keep else tf.uint8
+        paths = tf.constant(self.paths)
+
+        def fetch(i):
+            image = tf.numpy_function(lambda p: load_image(p.decode(), channels, keep),
+                                      [tf.gather(paths, i)], dtype, stateful=False)
+            return tf.ensure_shape(image, [None, None, channels]), tf.gather(labels, i)
+
+        return fetch
+
+    @property
+    def dataset(self):
+        """Unbatched tf.data pipeline of (image uint8 HxWxC, label), in order."""
+        import tensorflow as tf
+
         if self.encoded is not None:
+            channels = self.channels
+
             def decode_bytes(encoded):
                 image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
                 return tf.ensure_shape(image, [None, None, channels])
 
             images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
-            return tf.data.Dataset.zip(images, labels)
-        keep, dtype = self.keep_precision, (tf.float32 if self.keep_precision else tf.uint8)
-
-        def decode(path):
-            image = tf.numpy_function(
-                lambda p: load_image(p.decode(), channels, keep), [path], dtype, stateful=False
-            )
-            return tf.ensure_shape(image, [None, None, channels])
-
-        paths = tf.data.Dataset.from_tensor_slices(self.paths).map(
-            decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-        return tf.data.Dataset.zip(paths, labels)
+            return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(self.labels))
+        return tf.data.Dataset.range(len(self)).map(
+            self.fetcher(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -544,25 +556,26 @@ def make_pipeline(
     training: bool = False,
     augmentation=None,
     seed: int = 0,
-    shuffle: bool | None = None,
+    start_epoch: int = 0,
 ):
     """Batches of (float32 images 0-255 at image_size, labels), prefetched.
 
-    Training pipelines shuffle (seeded, reshuffled each epoch) and apply ``augmentation``
-    with a per-image seed drawn from a seeded stream that differs from epoch to epoch.
+    Evaluation pipelines are finite and in order. Training pipelines are endless (fit with
+    ``steps_per_epoch``): epoch ``e`` visits the images in an order drawn from ``(seed, e)``
+    and augments image ``i`` with a seed drawn from ``(seed, e, i)``, so any epoch can be
+    reproduced exactly -- which is what makes an interrupted run resumable from
+    ``start_epoch`` with the same data it would have seen.
     """
     import tensorflow as tf
 
     from restransfer.augmentation import Augmenter
 
-    ds = data.dataset
-    if shuffle if shuffle is not None else training:
-        ds = ds.shuffle(max(len(data), 1), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda image, label: (resize_image(image, image_size), label),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    augmenter = Augmenter(augmentation, image_size) if training else None
-    if augmenter is None or not augmenter.active:
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    resize = lambda image, label, *rest: (resize_image(image, image_size), label, *rest)
+    if not training:
+        return data.dataset.map(resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    augmenter = Augmenter(augmentation, image_size)
+    active = augmenter.active
     channels = data.channels
 
     def augment_batch(images, labels, image_seeds):
@@ -572,7 +585,27 @@ def make_pipeline(
         out = tf.ensure_shape(out, [None, image_size, image_size, channels])
         return tf.cast(out, tf.float32), labels
 
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip(ds, seeds).map(lambda item, s: (item[0], item[1], s))
-    return ds.batch(batch_size).map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                    deterministic=True).prefetch(tf.data.AUTOTUNE)
+    count = len(data)
+    if data.random_access:
+        fetch = data.fetcher()
+
+        def one_epoch(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            image_seeds = seed * 1_000_003 + epoch * 100_003 + order
+            return tf.data.Dataset.from_tensor_slices((order, image_seeds)).map(
+                lambda i, s: (*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        ds = tf.data.Dataset.range(start_epoch, 2**31).flat_map(
+            lambda epoch: one_epoch(epoch).map(resize, num_parallel_calls=tf.data.AUTOTUNE,
+                                               deterministic=True).batch(batch_size))
+    else:  # streamed sources (TFDS): seeded shuffle, not reproducible across a resume
+        ds = data.dataset.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
+        ds = ds.map(lambda item, s: resize(item[0], item[1], s), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).repeat()
+    if active:
+        ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda images, labels, _: (images, labels))
+    return ds.prefetch(tf.data.AUTOTUNE)

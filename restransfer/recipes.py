@@ -132,13 +132,20 @@ class ClassificationRecipe:
         self.skipped += data.skipped
         return data
 
-    def _pipeline(self, data, training: bool):
+    def _pipeline(self, data, training: bool, start_epoch: int = 0):
         if _is_tf_dataset(data):
             return data
         return data_lib.make_pipeline(
             data, self.image_size, self.batch_size, training=training,
             augmentation=self.augmentation if training else None, seed=self.seed,
+            start_epoch=start_epoch,
         )
+
+    def _train_pipelines(self, train):
+        """start_epoch -> training pipeline (user tf.data datasets are used as given)."""
+        if _is_tf_dataset(train):
+            return train
+        return lambda start_epoch: self._pipeline(train, training=True, start_epoch=start_epoch)
 
     def _training_data(self, train_data, validation_data):
         if _is_tf_dataset(train_data):
@@ -182,7 +189,7 @@ class ClassificationRecipe:
         self.history = run_phases(
             self.model,
             self.phases,
-            self._pipeline(train, training=True),
+            self._train_pipelines(train),
             self._pipeline(val, training=False) if val is not None else None,
             steps_per_epoch=steps,
             multi_label=self.multi_label,

@@ -238,11 +238,20 @@ def run_phases(
     history: TrainingHistory | None = None,
     on_phase_end=None,
 ) -> TrainingHistory:
-    """Runs ``phases[start_phase:]``; ``on_phase_end(index, history)`` after each."""
+    """Runs ``phases[start_phase:]``; ``on_phase_end(index, history)`` after each.
+
+    ``train_ds``: a dataset (used as given, one pass per epoch), or a function
+    ``start_epoch -> endless dataset`` (restransfer's own pipelines), run for
+    ``steps_per_epoch`` steps per epoch.
+    """
     history = history or TrainingHistory()
-    if not multi_label:
-        train_ds = one_hot_labels(train_ds, num_classes)
-        val_ds = one_hot_labels(val_ds, num_classes) if val_ds is not None else None
+    endless = callable(train_ds) and not hasattr(train_ds, "element_spec")
+    train_for = train_ds if endless else (lambda start_epoch: train_ds)
+
+    def labelled(ds):
+        return ds if multi_label or ds is None else one_hot_labels(ds, num_classes)
+
+    val_ds = labelled(val_ds)
     monitor = "val_auc" if multi_label else "val_accuracy"
     for index in range(start_phase, len(phases)):
         phase = phases[index]
@@ -267,8 +276,9 @@ def run_phases(
                   f"lr={phase.lr:g}{spread} schedule={phase.schedule}")
         epoch = history.epochs
         result = model.fit(
-            apply_mixup(train_ds, phase.mixup, seed),
+            apply_mixup(labelled(train_for(epoch)), phase.mixup, seed),
             validation_data=val_ds,
+            steps_per_epoch=steps_per_epoch if endless else None,
             epochs=epoch + phase.epochs,
             initial_epoch=epoch,
             callbacks=phase_callbacks,

@@ -60,13 +60,14 @@ def test_odd_formats_decode_to_rgb(tmp_path):
 
 def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder):
     folder = data.image_folder(tiny_folder, split="train", progress=False)
-    make = lambda: data.make_pipeline(folder, 32, 24, training=True, augmentation="light", seed=3)
-    first, second = make(), make()
-    epoch1 = next(iter(first))[0].numpy()
-    epoch2 = next(iter(first))[0].numpy()
-    again = next(iter(second))[0].numpy()
-    np.testing.assert_array_equal(epoch1, again)
+    make = lambda start=0: data.make_pipeline(folder, 32, 24, training=True, augmentation="light",
+                                              seed=3, start_epoch=start)
+    batches = iter(make())  # 24 images, batch 24: one batch per epoch
+    epoch1, epoch2 = next(batches)[0].numpy(), next(batches)[0].numpy()
+    np.testing.assert_array_equal(epoch1, next(iter(make()))[0].numpy())
     assert not np.array_equal(np.sort(epoch1.ravel()), np.sort(epoch2.ravel()))
+    # a pipeline started at epoch 1 (a resumed run) sees exactly what epoch 1 saw
+    np.testing.assert_array_equal(epoch2, next(iter(make(start=1)))[0].numpy())
 
 
 def test_unknown_transform_is_named():
@@ -146,6 +147,7 @@ def test_tfds_through_the_real_loader_with_mock_data():
         # mock_data serves num_examples per split and ignores slicing
         assert flowers.class_names[0] == "dandelion" and len(flowers) == 6
         batch = next(iter(data.make_pipeline(flowers, 32, 3)))
+        assert next(iter(data.make_pipeline(flowers, 32, 3, training=True)))[0].shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(batch[1].numpy(), flowers.labels[:3])
     assert batch[0].shape == (3, 32, 32, 3)
 
