@@ -89,8 +89,8 @@ class HeadConfig(Strict):
 
 class TrainingConfig(Strict):
     early_stopping_patience: int | None = Field(3, ge=1)
-    checkpoints: bool = True
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    deterministic: bool = Field(False, description="TF op determinism: identical weights run to run")
 
 
 class EvaluationConfig(Strict):

@@ -59,6 +59,7 @@ class ClassificationRecipe:
         val_fraction: float = 0.2,
         bad_images: str = "skip",
         precision: str = "auto",
+        deterministic: bool = False,
         seed: int = 0,
     ):
         get_spec(backbone)
@@ -86,6 +87,7 @@ class ClassificationRecipe:
         self.val_fraction = val_fraction
         self.bad_images = bad_images
         self.precision = precision
+        self.deterministic = deterministic
         self.seed = seed
         self.model: keras.Model | None = None
         self.skipped: list[data_lib.SkippedFile] = []
@@ -174,16 +176,36 @@ class ClassificationRecipe:
 
     # --- fit / evaluate / predict -------------------------------------------------------
 
-    def fit(self, train_data, validation_data=None, callbacks=None, verbose="auto") -> TrainingHistory:
+    def fit(self, train_data, validation_data=None, callbacks=None, verbose="auto",
+            checkpoint_dir=None, resume: bool = False) -> TrainingHistory:
         """Fine-tunes through ``self.phases``; returns the per-epoch history of all phases.
 
         ``train_data``/``validation_data``: an image folder path (with or without
         train/val sub-folders), an ``(images, labels)`` tuple, :class:`ImageData`, or a
         batched ``tf.data.Dataset`` of (raw 0-255 images, labels). With no validation
         data, a folder's ``val/`` sub-folder or a stratified ``val_fraction`` is used.
+
+        ``checkpoint_dir`` saves model, optimizer, schedule and progress after every epoch;
+        ``resume=True`` continues from there (same data order and augmentation as an
+        uninterrupted run; bit-identical with ``deterministic=True``).
         """
+        from restransfer.training import Checkpointer
+
         keras.utils.set_random_seed(self.seed)
+        if self.deterministic:
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
         train, val, steps = self._training_data(train_data, validation_data)
+        checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+        state = None
+        if resume and checkpointer is not None:
+            model, state = checkpointer.load()
+            if model is not None:
+                configure_precision(self.precision)
+                self.model = model
+                print(f"resuming from {checkpointer.model_path}: phase {state['phase'] + 1}, "
+                      f"{state['epoch']} epoch(s) done")
         if self.model is None:
             self.build()
         self.history = run_phases(
@@ -198,6 +220,8 @@ class ClassificationRecipe:
             callbacks=callbacks,
             verbose=verbose,
             seed=self.seed,
+            checkpointer=checkpointer,
+            resume_state=state,
         )
         if self.skipped:
             print(f"{len(self.skipped)} unusable file(s) skipped: "

@@ -29,6 +29,57 @@ class RunDirectoryExists(FileExistsError):
     pass
 
 
+class RunLocked(RuntimeError):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``.lock``, holding the owner's PID).
+
+    ``flock`` is released by the kernel when the owner dies, even by ``kill -9``, so a
+    crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise RunLocked(f"run directory {self.path.parent} is in use by another run (PID {holder})") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def check_free_space(run_dir: Path, config: RecipeConfig) -> None:
+    """Fails before training when checkpoints cannot fit: weights + two Adam moments, twice
+    (the new checkpoint is written beside the old one), plus 100 MB for the rest."""
+    from restransfer.registry import get_spec
+
+    needed = get_spec(config.backbone.name).params * 4 * 3 * 2 + 100 * 2**20
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise OSError(f"only {free / 2**20:.0f} MB free in {run_dir}; checkpoints of "
+                      f"{config.backbone.name} need about {needed / 2**20:.0f} MB")
+
+
 def recipe_from_config(config: RecipeConfig, class_names=None):
     """The Python equivalent of a recipe file (the same model for the same seed)."""
     from restransfer.recipes import ClassificationRecipe
@@ -49,6 +100,7 @@ def recipe_from_config(config: RecipeConfig, class_names=None):
         val_fraction=config.data.val_fraction,
         bad_images=config.data.bad_images,
         precision=config.training.precision,
+        deterministic=config.training.deterministic,
         seed=config.seed,
     )
 
@@ -131,28 +183,64 @@ def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test,
 
 
 def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="auto") -> Path:
-    """Trains a recipe file end to end; returns the run directory."""
+    """Trains a recipe file end to end; returns the run directory.
+
+    With ``resume`` it continues an interrupted run in place: finished steps are skipped,
+    training restarts from the last complete epoch.
+    """
     config, resolved = load_recipe(recipe_path, overrides)
     run_dir = prepare_run_dir(config, overwrite, resume)
-    (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(resolved))
-    train_data, val, test = load_splits(config)
-    if config.data.cv_folds:
-        return _cross_validate(config, train_data, run_dir, verbose)
+    with RunLock(run_dir):
+        check_free_space(run_dir, config)
+        recipe_file = run_dir / "recipe.resolved.yaml"
+        if resume and recipe_file.exists() and recipe_file.read_text() != dump_recipe(resolved):
+            raise ValueError(f"the recipe differs from the one {run_dir} was started with "
+                             f"({recipe_file}); resume with the same recipe and --set options")
+        recipe_file.write_text(dump_recipe(resolved))
+        train_data, val, test = load_splits(config)
+        if config.data.cv_folds:
+            return _cross_validate(config, train_data, run_dir, verbose)
+        _train_single(config, run_dir, train_data, val, test, resume, verbose)
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _train_single(config, run_dir: Path, train_data, val, test, resume: bool, verbose) -> None:
+    from restransfer.recipes import ClassificationRecipe
+
     if train_data.paths and (val is None or val.paths):
         data_lib.write_split(run_dir / "split.csv",
                              {k: v for k, v in (("train", train_data), ("val", val), ("test", test)) if v is not None})
-    recipe = recipe_from_config(config, class_names=train_data.class_names)
-    recipe.fit(train_data, validation_data=val, callbacks=_callbacks(run_dir), verbose=verbose)
-    recipe.save(run_dir / "model.keras")
+    model_path = run_dir / "model.keras"
+    if resume and model_path.is_file():  # training had finished; only the rest is redone
+        recipe = ClassificationRecipe.load(model_path)
+        recipe.history = _saved_history(run_dir)
+    else:
+        recipe = recipe_from_config(config, class_names=train_data.class_names)
+        recipe.fit(train_data, validation_data=val, callbacks=_callbacks(run_dir), verbose=verbose,
+                   checkpoint_dir=run_dir / "checkpoints", resume=resume)
+        recipe.save(model_path)
     metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}")
     metrics["skipped_files"] = [{"path": s.path, "reason": s.reason} for s in recipe.skipped]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if config.export.enabled:
-        warmup = _warmup_images(val or train_data, config.input.channels)
-        recipe.export(run_dir / "export", model_name=config.export.model_name or config.name,
-                      top_k=config.export.top_k, warmup_images=warmup)
-    print(f"run directory: {run_dir}")
-    return run_dir
+        model_dir = run_dir / "export" / (config.export.model_name or config.name)
+        for stale in model_dir.glob(".partial-*"):  # an export killed mid-way (run dir is locked)
+            shutil.rmtree(stale)
+        if not any(p.name.isdigit() for p in model_dir.glob("*")):
+            recipe.export(run_dir / "export", model_name=model_dir.name, top_k=config.export.top_k,
+                          warmup_images=_warmup_images(val or train_data, config.input.channels))
+
+
+def _saved_history(run_dir: Path):
+    from restransfer.phases import Phase
+    from restransfer.training import TrainingHistory
+
+    state_file = run_dir / "checkpoints" / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())["history"]
+    return TrainingHistory(saved["history"], saved["phase_starts"], [Phase(**p) for p in saved["phases"]])
 
 
 def _warmup_images(part, channels):

@@ -200,6 +200,64 @@ class TrainingHistory:
                 "phases": [p.model_dump() for p in self.phases]}
 
 
+class Checkpointer:
+    """Saves the model (with optimizer, schedule step and RNG state) and where training
+    stands after every epoch, so an interrupted run continues where it stopped.
+
+    ``last.keras`` and ``state.json`` are each written to a temporary file and renamed, and
+    the state is written after the model, so the state never points past the model.
+    """
+
+    def __init__(self, directory):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.model_path = self.directory / "last.keras"
+        self.state_path = self.directory / "state.json"
+
+    def save(self, model, state: dict) -> None:
+        import json
+        import os
+
+        temporary = self.directory / ".last.keras.partial.keras"
+        model.save(temporary)
+        os.replace(temporary, self.model_path)
+        temporary_state = self.directory / ".state.json.partial"
+        temporary_state.write_text(json.dumps(state))
+        os.replace(temporary_state, self.state_path)
+
+    def load(self):
+        """(model, state) of the last complete epoch, or (None, None)."""
+        import json
+
+        if not (self.model_path.is_file() and self.state_path.is_file()):
+            return None, None
+        state = json.loads(self.state_path.read_text())
+        return keras.saving.load_model(self.model_path, safe_mode=True), state
+
+
+class _SaveEachEpoch(keras.callbacks.Callback):
+    def __init__(self, checkpointer, phase_index, phase_start, history, phases):
+        super().__init__()
+        self.checkpointer, self.phase_index, self.phase_start = checkpointer, phase_index, phase_start
+        self.history, self.phases = history, phases
+        self.logs: dict[str, list[float]] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not all(np.isfinite(v) for v in logs.values() if isinstance(v, (int, float))):
+            return  # keep the last good checkpoint
+        for key, value in logs.items():
+            self.logs.setdefault(key, []).append(float(value))
+        partial = TrainingHistory({k: list(v) for k, v in self.history.history.items()},
+                                  list(self.history.phase_starts), list(self.history.phases))
+        partial.add(self.phases[self.phase_index], self.logs)
+        self.checkpointer.save(self.model, {
+            "phase": self.phase_index, "phase_start_epoch": self.phase_start, "epoch": epoch + 1,
+            "phase_complete": False, "history": partial.to_dict()})
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/Inf loss; the phase was stopped."""
 
@@ -234,17 +292,31 @@ def run_phases(
     callbacks=None,
     verbose="auto",
     seed: int = 0,
-    start_phase: int = 0,
-    history: TrainingHistory | None = None,
-    on_phase_end=None,
+    checkpointer: Checkpointer | None = None,
+    resume_state: dict | None = None,
 ) -> TrainingHistory:
-    """Runs ``phases[start_phase:]``; ``on_phase_end(index, history)`` after each.
+    """Runs the phases; with a ``checkpointer`` saves after every epoch and phase, and with
+    ``resume_state`` (from :meth:`Checkpointer.load`, the model already loaded) continues
+    from the last complete epoch with the saved optimizer and schedule.
 
     ``train_ds``: a dataset (used as given, one pass per epoch), or a function
     ``start_epoch -> endless dataset`` (restransfer's own pipelines), run for
     ``steps_per_epoch`` steps per epoch.
     """
-    history = history or TrainingHistory()
+    history = TrainingHistory()
+    start_phase, resume_epoch, resumed_logs = 0, None, {}
+    if resume_state:
+        saved = resume_state["history"]
+        history = TrainingHistory(saved["history"], saved["phase_starts"],
+                                  [Phase(**p) for p in saved["phases"]])
+        start_phase = resume_state["phase"]
+        if not resume_state["phase_complete"]:
+            # mid-phase: drop the partial phase from the history, re-add it when it ends
+            resume_epoch = resume_state["epoch"]
+            history.phase_starts.pop()
+            history.phases.pop()
+            history.history = {k: v[: resume_state["phase_start_epoch"]] for k, v in history.history.items()}
+            resumed_logs = {k: v[resume_state["phase_start_epoch"]:] for k, v in saved["history"].items()}
     endless = callable(train_ds) and not hasattr(train_ds, "element_spec")
     train_for = train_ds if endless else (lambda start_epoch: train_ds)
 
@@ -257,13 +329,22 @@ def run_phases(
         phase = phases[index]
         if phase.epochs == 0:
             continue
-        stages_lib.set_trainable_stages(
-            model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
-        )
-        compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
-                      phase.label_smoothing if not multi_label else 0.0)
+        phase_start = history.epochs
+        resuming = index == start_phase and resume_epoch is not None
+        if not resuming:  # a resumed phase keeps its loaded optimizer, schedule and step
+            stages_lib.set_trainable_stages(
+                model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
+            )
+            compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+                          phase.label_smoothing if not multi_label else 0.0)
         guard = StopOnNonFiniteLoss()
         phase_callbacks = list(callbacks or []) + [guard]
+        saver = None
+        if checkpointer is not None:
+            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases)
+            if resuming:
+                saver.logs = {k: list(v) for k, v in resumed_logs.items()}
+            phase_callbacks.append(saver)
         if patience and val_ds is not None:
             phase_callbacks.append(
                 keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience,
@@ -274,12 +355,12 @@ def run_phases(
             spread = f" stages {min(rates.values()):.2g}..{max(rates.values()):.2g}" if rates else ""
             print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} epochs={phase.epochs} "
                   f"lr={phase.lr:g}{spread} schedule={phase.schedule}")
-        epoch = history.epochs
+        epoch = resume_epoch if resuming else phase_start
         result = model.fit(
             apply_mixup(labelled(train_for(epoch)), phase.mixup, seed),
             validation_data=val_ds,
             steps_per_epoch=steps_per_epoch if endless else None,
-            epochs=epoch + phase.epochs,
+            epochs=phase_start + phase.epochs,
             initial_epoch=epoch,
             callbacks=phase_callbacks,
             shuffle=False,  # pipelines shuffle themselves, seeded
@@ -291,7 +372,12 @@ def run_phases(
                 f"{guard.where[0]}, step {guard.where[1]}. The learning rate ({phase.lr:g}) is "
                 f"the usual cause: lower it (try `restransfer lr-find`) or set gradient_clip."
             )
-        history.add(phase, result.history)
-        if on_phase_end is not None:
-            on_phase_end(index, history)
+        logs = result.history
+        if resuming:
+            logs = {k: resumed_logs.get(k, []) + list(v) for k, v in result.history.items()}
+        history.add(phase, logs)
+        if checkpointer is not None:
+            checkpointer.save(model, {"phase": index + 1, "phase_start_epoch": history.epochs,
+                                      "epoch": history.epochs, "phase_complete": True,
+                                      "history": history.to_dict()})
     return history
