@@ -216,10 +216,24 @@ class Checkpointer:
         self.model_path = self.directory / "last.keras"
         self.state_path = self.directory / "state.json"
 
+    @staticmethod
+    def _seed_generators(model):
+        """Dropout's random streams; Keras does not restore them from a .keras file."""
+        found, stack = {}, [model]
+        while stack:
+            layer = stack.pop()
+            generator = getattr(layer, "seed_generator", None)
+            if generator is not None:  # keyed by walk order: layer paths can be empty here
+                found[f"{len(found)}:{layer.name}"] = generator
+            stack.extend(getattr(layer, "_layers", []))
+        return found
+
     def save(self, model, state: dict) -> None:
         import json
         import os
 
+        state = {**state, "rng": {path: np.asarray(g.state.value).tolist()
+                                  for path, g in self._seed_generators(model).items()}}
         temporary = self.directory / ".last.keras.partial.keras"
         model.save(temporary)
         os.replace(temporary, self.model_path)
@@ -234,7 +248,11 @@ class Checkpointer:
         if not (self.model_path.is_file() and self.state_path.is_file()):
             return None, None
         state = json.loads(self.state_path.read_text())
-        return keras.saving.load_model(self.model_path, safe_mode=True), state
+        model = keras.saving.load_model(self.model_path, safe_mode=True)
+        for path, generator in self._seed_generators(model).items():
+            if path in state.get("rng", {}):
+                generator.state.assign(np.asarray(state["rng"][path], dtype=generator.state.dtype))
+        return model, state
 
 
 class _SaveEachEpoch(keras.callbacks.Callback):
