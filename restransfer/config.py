@@ -166,8 +166,9 @@ def field_path(loc) -> str:
 class _Positions:
     """Where each field path was written: (file, line) from YAML nodes."""
 
-    def __init__(self):
+    def __init__(self, default: str = "recipe"):
         self.lines: dict[tuple, tuple[str, int]] = {}
+        self.default = default  # for fields nobody wrote (e.g. a missing required one)
 
     def record(self, node, source: str, prefix: tuple = ()):
         if isinstance(node, yaml.MappingNode):
@@ -186,7 +187,7 @@ class _Positions:
             if loc[:end] in self.lines:
                 source, line = self.lines[loc[:end]]
                 return f"{source}:{line}" if line else source
-        return "recipe"
+        return self.default
 
 
 def _model_at(loc) -> type[BaseModel] | None:
@@ -396,7 +397,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_paths:
     unknown transforms), each with file:line.
     """
     path = Path(path)
-    positions = _Positions()
+    positions = _Positions(str(path))
     data = _load_with_extends(path, positions)
     for assignment in overrides:
         apply_override(data, assignment, positions)

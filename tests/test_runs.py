@@ -78,6 +78,21 @@ def test_digits_recipe_run_directory_and_report(tmp_path):
                             "--set", f"output_dir={tmp_path}"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
+    # an export killed half-way: a hidden partial directory, no version; --resume redoes
+    # only what is missing (training had finished: model.keras is there)
+    import shutil
+
+    shutil.rmtree(run_dir / "export" / "digits" / "1")
+    (run_dir / "export" / "digits" / ".partial-1-deadbeef" / "variables").mkdir(parents=True)
+    trained = (run_dir / "model.keras").stat().st_mtime
+    resumed = subprocess.run(
+        [sys.executable, "-m", "restransfer", "train", str(REPO / "recipes" / "digits_demo.yaml"),
+         "--set", "fine_tune_epochs=2", "--set", f"output_dir={tmp_path}", "--resume"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "model.keras").stat().st_mtime == trained, "training was not redone"
+    assert sorted(p.name for p in (run_dir / "export" / "digits").iterdir()) == ["1"]
+
 
 def test_kill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_folder):
     recipe = folder_recipe(tmp_path, tiny_folder / "train")
