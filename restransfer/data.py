@@ -549,6 +549,15 @@ def resize_image(image, image_size: int):
                            method="bilinear", antialias=True)
 
 
+def epoch_order(count: int, seed: int, epoch):
+    """The order epoch ``epoch`` visits ``count`` images in, drawn from (seed, epoch)."""
+    import tensorflow as tf
+
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(count, dtype=tf.int64),
+        seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+
 def make_pipeline(
     data: ImageData,
     image_size: int,
@@ -557,8 +566,13 @@ def make_pipeline(
     augmentation=None,
     seed: int = 0,
     start_epoch: int = 0,
+    in_order: bool = False,
+    epochs: int | None = None,
 ):
     """Batches of (float32 images 0-255 at image_size, labels), prefetched.
+
+    ``in_order`` keeps index order in training pipelines (still augmented with the epoch's
+    seeds): used to cache augmented views of features. ``epochs`` bounds the pipeline.
 
     Evaluation pipelines are finite and in order. Training pipelines are endless (fit with
     ``steps_per_epoch``): epoch ``e`` visits the images in an order drawn from ``(seed, e)``
@@ -590,13 +604,13 @@ def make_pipeline(
         fetch = data.fetcher()
 
         def one_epoch(epoch):
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            order = tf.range(count, dtype=tf.int64) if in_order else epoch_order(count, seed, epoch)
             image_seeds = seed * 1_000_003 + epoch * 100_003 + order
             return tf.data.Dataset.from_tensor_slices((order, image_seeds)).map(
                 lambda i, s: (*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-        ds = tf.data.Dataset.range(start_epoch, 2**31).flat_map(
+        last = start_epoch + epochs if epochs is not None else 2**31
+        ds = tf.data.Dataset.range(start_epoch, last).flat_map(
             lambda epoch: one_epoch(epoch).map(resize, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True).batch(batch_size))
     else:  # streamed sources (TFDS): seeded shuffle, not reproducible across a resume

@@ -60,6 +60,8 @@ class ClassificationRecipe:
         bad_images: str = "skip",
         precision: str = "auto",
         deterministic: bool = False,
+        cache_features="auto",
+        cache_views: int = 1,
         seed: int = 0,
     ):
         get_spec(backbone)
@@ -88,6 +90,10 @@ class ClassificationRecipe:
         self.bad_images = bad_images
         self.precision = precision
         self.deterministic = deterministic
+        if cache_features not in ("auto", True, False):
+            raise ValueError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
+        self.cache_features = cache_features
+        self.cache_views = cache_views
         self.seed = seed
         self.model: keras.Model | None = None
         self.skipped: list[data_lib.SkippedFile] = []
@@ -198,6 +204,7 @@ class ClassificationRecipe:
             tf.config.experimental.enable_op_determinism()
         train, val, steps = self._training_data(train_data, validation_data)
         checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+        feature_cache = self._feature_cache(train, checkpoint_dir)
         state = None
         if resume and checkpointer is not None:
             model, state = checkpointer.load()
@@ -222,12 +229,28 @@ class ClassificationRecipe:
             seed=self.seed,
             checkpointer=checkpointer,
             resume_state=state,
+            feature_cache=feature_cache,
         )
         if self.skipped:
             print(f"{len(self.skipped)} unusable file(s) skipped: "
                   + ", ".join(os.path.basename(s.path) for s in self.skipped[:5])
                   + (" ..." if len(self.skipped) > 5 else ""))
         return self.history
+
+    def _feature_cache(self, train, checkpoint_dir):
+        """Head-only phases train on cached features: by default ("auto") only where that is
+        exact (no augmentation); ``cache_features=True`` also caches ``cache_views``
+        augmented views (see :mod:`restransfer.caching`)."""
+        from restransfer.augmentation import Augmenter
+        from restransfer.caching import FeatureCache
+
+        if not isinstance(train, data_lib.ImageData) or not train.random_access or not self.cache_features:
+            return None
+        if self.cache_features == "auto" and Augmenter(self.augmentation, self.image_size).active:
+            return None
+        cache_dir = Path(checkpoint_dir).parent / "cache" if checkpoint_dir else None
+        return FeatureCache(train, self.image_size, self.batch_size, self.augmentation,
+                            views=self.cache_views, seed=self.seed, cache_dir=cache_dir)
 
     def lr_find(self, train_data, phase: int | Phase = 0, steps: int = 200, min_lr: float = 1e-7,
                 max_lr: float = 1.0):

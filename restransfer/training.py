@@ -256,9 +256,10 @@ class Checkpointer:
 
 
 class _SaveEachEpoch(keras.callbacks.Callback):
-    def __init__(self, checkpointer, phase_index, phase_start, history, phases):
+    def __init__(self, checkpointer, phase_index, phase_start, history, phases, full_model):
         super().__init__()
         self.checkpointer, self.phase_index, self.phase_start = checkpointer, phase_index, phase_start
+        self.full_model = full_model  # fit may run on a head-only model (cached features)
         self.history, self.phases = history, phases
         self.logs: dict[str, list[float]] = {}
 
@@ -271,9 +272,30 @@ class _SaveEachEpoch(keras.callbacks.Callback):
         partial = TrainingHistory({k: list(v) for k, v in self.history.history.items()},
                                   list(self.history.phase_starts), list(self.history.phases))
         partial.add(self.phases[self.phase_index], self.logs)
-        self.checkpointer.save(self.model, {
+        self.checkpointer.save(self.full_model, {
             "phase": self.phase_index, "phase_start_epoch": self.phase_start, "epoch": epoch + 1,
             "phase_complete": False, "history": partial.to_dict()})
+
+
+def _head_model(model):
+    """features -> head: the same head layer (shared weights) without the backbone."""
+    from restransfer.heads import find_head
+
+    backbone = stages_lib.find_backbone(model)
+    features = keras.Input(shape=backbone.output_shape[1:], name="features")
+    return keras.Model(features, find_head(model)(features), name="head_on_features")
+
+
+def _features_of(backbone, dataset):
+    """Runs a finite (images, labels) dataset through the frozen backbone once."""
+    import tensorflow as tf
+
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(backbone(images, training=False))
+        labels.append(batch_labels)
+    return tf.data.Dataset.from_tensor_slices((tf.concat(features, 0), tf.concat(labels, 0))) \
+        .batch(int(tf.shape(features[0])[0])).cache()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -312,10 +334,13 @@ def run_phases(
     seed: int = 0,
     checkpointer: Checkpointer | None = None,
     resume_state: dict | None = None,
+    feature_cache=None,
 ) -> TrainingHistory:
     """Runs the phases; with a ``checkpointer`` saves after every epoch and phase, and with
     ``resume_state`` (from :meth:`Checkpointer.load`, the model already loaded) continues
-    from the last complete epoch with the saved optimizer and schedule.
+    from the last complete epoch with the saved optimizer and schedule. With a
+    ``feature_cache`` (:class:`restransfer.caching.FeatureCache`), head-only phases train
+    the head on cached backbone features instead of running the backbone every step.
 
     ``train_ds``: a dataset (used as given, one pass per epoch), or a function
     ``start_epoch -> endless dataset`` (restransfer's own pipelines), run for
@@ -349,17 +374,21 @@ def run_phases(
             continue
         phase_start = history.epochs
         resuming = index == start_phase and resume_epoch is not None
+        cached = (feature_cache is not None and phase.trainable == "head" and not phase.train_bn
+                  and not phase.mixup and not resuming)
         if not resuming:  # a resumed phase keeps its loaded optimizer, schedule and step
             stages_lib.set_trainable_stages(
                 model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
             )
-            compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+        fit_model = _head_model(model) if cached else model
+        if not resuming:
+            compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
                           phase.label_smoothing if not multi_label else 0.0)
         guard = StopOnNonFiniteLoss()
         phase_callbacks = list(callbacks or []) + [guard]
         saver = None
         if checkpointer is not None:
-            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases)
+            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases, model)
             if resuming:
                 saver.logs = {k: list(v) for k, v in resumed_logs.items()}
             phase_callbacks.append(saver)
@@ -374,9 +403,18 @@ def run_phases(
             print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} epochs={phase.epochs} "
                   f"lr={phase.lr:g}{spread} schedule={phase.schedule}")
         epoch = resume_epoch if resuming else phase_start
-        result = model.fit(
-            apply_mixup(labelled(train_for(epoch)), phase.mixup, seed),
-            validation_data=val_ds,
+        if cached:
+            backbone = stages_lib.find_backbone(model)
+            phase_train = labelled(feature_cache.train_dataset(backbone, epoch))
+            phase_val = _features_of(backbone, val_ds) if val_ds is not None else None
+        else:
+            phase_train = apply_mixup(labelled(train_for(epoch)), phase.mixup, seed)
+            phase_val = val_ds
+        if verbose and cached:
+            print(f"  training the head on cached backbone features ({feature_cache.views} view(s))")
+        result = fit_model.fit(
+            phase_train,
+            validation_data=phase_val,
             steps_per_epoch=steps_per_epoch if endless else None,
             epochs=phase_start + phase.epochs,
             initial_epoch=epoch,
@@ -394,6 +432,8 @@ def run_phases(
         if resuming:
             logs = {k: resumed_logs.get(k, []) + list(v) for k, v in result.history.items()}
         history.add(phase, logs)
+        if cached:  # the full model's compiled state must describe the full model
+            compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label)
         if checkpointer is not None:
             checkpointer.save(model, {"phase": index + 1, "phase_start_epoch": history.epochs,
                                       "epoch": history.epochs, "phase_complete": True,

@@ -152,3 +152,48 @@ def test_label_smoothing_mixup_and_ema_train(tiny_folder):
                       optimizer="adamw", weight_decay=1e-4)])
     history = recipe.fit(tiny_folder, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+def cached_vs_uncached(tiny_folder, cache, augmentation="none", views=1):
+    recipe = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation=augmentation,
+        early_stopping_patience=None, deterministic=True, cache_features=cache, cache_views=views,
+        phases=[Phase("head", epochs=3, lr=0.01, schedule="one_cycle")])
+    recipe.fit(tiny_folder, verbose=0)
+    return recipe
+
+
+def test_feature_cache_gives_the_uncached_loss_trajectory(tiny_folder):
+    plain = cached_vs_uncached(tiny_folder, cache=False)
+    cached = cached_vs_uncached(tiny_folder, cache="auto")
+    for key in ("loss", "val_loss", "accuracy"):
+        np.testing.assert_allclose(cached.history.history[key], plain.history.history[key], rtol=1e-5, atol=1e-6)
+    head = lambda r: r.model.get_layer("head").get_weights()
+    for a, b in zip(head(plain), head(cached)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_augmented_views_cache_matches_when_views_cover_the_epochs(tiny_folder):
+    plain = cached_vs_uncached(tiny_folder, cache=False, augmentation="light")
+    cached = cached_vs_uncached(tiny_folder, cache=True, augmentation="light", views=3)
+    np.testing.assert_allclose(cached.history.history["loss"], plain.history.history["loss"], rtol=1e-5)
+    # "auto" never caches augmented data (it would not be exact)
+    assert cached_vs_uncached(tiny_folder, cache="auto", augmentation="light")._feature_cache(
+        rt.data.image_folder(tiny_folder, split="train", progress=False), None) is None
+
+
+def test_feature_cache_on_disk_is_keyed_by_weights(tiny_folder, tmp_path):
+    from restransfer.caching import FeatureCache
+
+    source = rt.data.image_folder(tiny_folder, split="train", progress=False)
+    backbone = rt.build_backbone("resnet18", input_shape=(32, 32, 3))
+    cache = FeatureCache(source, 32, 8, cache_dir=tmp_path, memory_budget_mb=0, progress=False)
+    first = np.asarray(cache.features(backbone))
+    assert first.shape == (1, len(source), 512) and len(list(tmp_path.glob("features-*.npy"))) == 1
+    again = FeatureCache(source, 32, 8, cache_dir=tmp_path, progress=False).features(backbone)
+    assert isinstance(again, np.memmap)  # read back from disk, not recomputed
+    np.testing.assert_array_equal(first, again)
+    conv = backbone.get_layer("conv1_conv")
+    conv.set_weights([w * 0.5 for w in conv.get_weights()])
+    FeatureCache(source, 32, 8, cache_dir=tmp_path, progress=False).features(backbone)
+    assert len(list(tmp_path.glob("features-*.npy"))) == 2, "changed weights, new cache"
