@@ -91,6 +91,8 @@ class TrainingConfig(Strict):
     early_stopping_patience: int | None = Field(3, ge=1)
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     deterministic: bool = Field(False, description="TF op determinism: identical weights run to run")
+    cache_features: Literal["auto", True, False] = "auto"
+    cache_views: int = Field(1, ge=1, le=100)
 
 
 class EvaluationConfig(Strict):

@@ -101,6 +101,8 @@ def recipe_from_config(config: RecipeConfig, class_names=None):
         bad_images=config.data.bad_images,
         precision=config.training.precision,
         deterministic=config.training.deterministic,
+        cache_features=config.training.cache_features,
+        cache_views=config.training.cache_views,
         seed=config.seed,
     )
 
