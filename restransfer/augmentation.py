@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 
+from restransfer.registry import unknown_name
+
 PRESETS: dict[str, list[dict]] = {
     "none": [],
     "light": [
@@ -54,7 +56,7 @@ def build_transform(spec, image_size: int):
         spec = "none"
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise ValueError(f"Unknown augmentation preset {spec!r}; presets: {', '.join(PRESETS)}")
+            raise ValueError(unknown_name("augmentation preset", spec, PRESETS))
         spec = PRESETS[spec]
     transforms = []
     for index, item in enumerate(spec):
@@ -62,12 +64,9 @@ def build_transform(spec, image_size: int):
         name = item.pop("name", None)
         transform_class = getattr(A, name, None) if isinstance(name, str) else None
         if transform_class is None or not isinstance(transform_class, type):
-            import difflib
-
             known = [n for n in dir(A) if n[:1].isupper() and isinstance(getattr(A, n), type)]
-            close = difflib.get_close_matches(str(name), known, n=1)
-            raise ValueError(f"augmentation[{index}]: unknown albumentations transform {name!r}"
-                             + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise ValueError(f"augmentation[{index}]: "
+                             + unknown_name("albumentations transform", name, known).split("; choices")[0])
         if name in ("RandomResizedCrop", "RandomSizedCrop", "Resize", "CenterCrop", "RandomCrop"):
             if name.endswith("ResizedCrop") or name == "RandomSizedCrop":
                 item.setdefault("size", (image_size, image_size))

@@ -13,7 +13,6 @@ No TensorFlow here: ``restransfer validate`` answers at once.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import re
 import typing
@@ -24,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from restransfer.phases import PRESETS, Phase
-from restransfer.registry import BACKBONES, get_spec
+from restransfer.registry import get_spec, unknown_name
 
 
 class Strict(BaseModel):
@@ -72,9 +71,7 @@ class DataConfig(Strict):
         from restransfer.augmentation import PRESET_NAMES
 
         if isinstance(value, str) and value not in PRESET_NAMES:
-            close = difflib.get_close_matches(value, PRESET_NAMES, n=1)
-            raise ValueError(f"unknown augmentation preset {value!r}"
-                             + (f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESET_NAMES)}"))
+            raise ValueError(unknown_name("augmentation preset", value, PRESET_NAMES))
         if isinstance(value, list):
             for index, item in enumerate(value):
                 if not isinstance(item.get("name"), str):
@@ -95,10 +92,6 @@ class TrainingConfig(Strict):
     cache_views: int = Field(1, ge=1, le=100)
 
 
-class EvaluationConfig(Strict):
-    top_k: int = Field(5, ge=1)
-
-
 class ExportConfig(Strict):
     enabled: bool = True
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -117,7 +110,6 @@ class RecipeConfig(Strict):
     fine_tune: list[Phase] | str = "two_phase"
     fine_tune_epochs: int = Field(6, ge=1, description="epoch budget when fine_tune is a preset")
     training: TrainingConfig = TrainingConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
     export: ExportConfig = ExportConfig()
     seed: int = Field(0, ge=0)
     output_dir: str = "runs"
@@ -126,9 +118,7 @@ class RecipeConfig(Strict):
     @classmethod
     def _known_preset(cls, value):
         if isinstance(value, str) and value not in PRESETS:
-            close = difflib.get_close_matches(value, PRESETS, n=1)
-            raise ValueError(f"unknown preset {value!r}"
-                             + (f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"))
+            raise ValueError(unknown_name("preset", value, PRESETS))
         if isinstance(value, list) and not value:
             raise ValueError("needs at least one phase")
         return value
@@ -218,9 +208,10 @@ def _describe(error: dict) -> str:
     if kind == "extra_forbidden":
         holder = _model_at(loc[:-1])
         options = list(holder.model_fields) if holder else []
-        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
-        return f"unknown key{f'; did you mean {close[0]!r}?' if close else ''}" + \
-               (f" (allowed: {', '.join(options)})" if options and not close else "")
+        if not options:
+            return "unknown key"
+        hint = unknown_name("key", loc[-1], options).split("; ", 1)[1]
+        return f"unknown key; {hint.replace('choices:', 'allowed:')}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         symbol = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
                   "less_than_equal": "<="}[kind]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from restransfer.registry import STAGES, parse_stages
+from restransfer.registry import STAGES, parse_stages, unknown_name
 
 PRESETS = ("head_only", "keras_guide", "two_phase", "gradual")
 
@@ -129,4 +129,4 @@ def preset(name: str, epochs: int = 6, lr: float = 1e-3) -> list[Phase]:
         per_phase = [epochs // count + (1 if i < epochs % count else 0) for i in range(count)]
         return [Phase(tops[i], epochs=per_phase[i], lr=lr if i == 0 else lr / 2,
                       schedule="one_cycle", lr_mult=0.4) for i in range(count)]
-    raise ValueError(f"unknown fine-tuning preset {name!r}; presets: {', '.join(PRESETS)}")
+    raise ValueError(unknown_name("fine-tuning preset", name, PRESETS))

@@ -50,17 +50,21 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
+def unknown_name(kind: str, name, choices) -> str:
+    """'unknown backbone 'resnet05'; did you mean 'resnet50'?' (or the list of choices)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"choices: {', '.join(map(str, choices))}"
+    return f"unknown {kind} {name!r}; {hint}"
+
+
 def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name.lower()]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name.lower(), BACKBONES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown backbone {name!r}.{hint} Available: {', '.join(BACKBONES)}"
-        ) from None
+        raise ValueError(unknown_name("backbone", name, BACKBONES)
+                         + f" (available: {', '.join(BACKBONES)})") from None
 
 
 def describe_backbones() -> list[dict]:

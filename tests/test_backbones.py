@@ -16,7 +16,7 @@ def test_registry_lists_all_eight():
 
 
 def test_unknown_backbone_suggests_a_name():
-    with pytest.raises(ValueError, match="Did you mean 'resnet50'"):
+    with pytest.raises(ValueError, match="did you mean 'resnet50'"):
         rt.build_backbone("resnet05")
 
 

@@ -62,7 +62,7 @@ def test_many_mistakes_reported_at_once(tmp_path):
         """)
     text = "\n".join(found)
     expected = [
-        ":2: backbone.name: Unknown backbone 'resnet05'. Did you mean 'resnet50'?",
+        ":2: backbone.name: unknown backbone 'resnet05'; did you mean 'resnet50'?",
         ":3: backbone.weigths: unknown key; did you mean 'weights'?",
         ":4: input.image_size: must be >= 32, got 16",
         ":4: input.channels:",
