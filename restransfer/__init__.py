@@ -22,9 +22,12 @@ _LAZY = {
     "stage_layers": "restransfer.stages",
     "STAGES": "restransfer.stages",
     "export_saved_model": "restransfer.export",
+    "load_recipe": "restransfer.config",
+    "find_lr": "restransfer.lr_finder",
 }
 _SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training", "phases",
-               "recipes", "export", "preprocessing")
+               "recipes", "export", "preprocessing", "config", "runs", "caching", "lr_finder", "report",
+               "cli")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

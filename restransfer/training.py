@@ -159,7 +159,16 @@ def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    # On a GPU, run several steps per call to keep it fed; Keras' jit_compile="auto" turns
+    # XLA on there and leaves it off on CPUs (where it measured ~2x slower here).
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                  steps_per_execution=8 if _has_gpu() else 1)
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def apply_mixup(ds, alpha: float, seed: int):

@@ -195,3 +195,21 @@ def test_unsafe_model_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="safe_mode"):
         rt.ClassificationRecipe.load(tmp_path / "lambda.keras")
     assert cli.main(["predict", str(tmp_path / "lambda.keras"), "x.png"]) == 2
+
+
+def test_a_recipe_file_and_the_equivalent_python_give_the_same_model(tmp_path, tiny_folder):
+    import restransfer as rt
+    from restransfer.phases import Phase
+
+    recipe_file = folder_recipe(tmp_path, tiny_folder / "train")
+    config, _ = load_recipe(recipe_file)
+    from_yaml = runs.recipe_from_config(config)
+    from_yaml.fit(str(tiny_folder / "train"), verbose=0)
+    by_hand = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation="light",
+        phases=[Phase("head", epochs=2, lr=0.01, schedule="one_cycle"),
+                Phase("all", epochs=2, lr=0.001, schedule="one_cycle", lr_mult=0.5)],
+        early_stopping_patience=None, deterministic=True, seed=0)
+    by_hand.fit(tiny_folder / "train", verbose=0)
+    for a, b in zip(from_yaml.model.get_weights(), by_hand.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
