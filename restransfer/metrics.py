@@ -1,0 +1,113 @@
+"""Evaluation numbers a paper needs, on fixed predictions (scikit-learn underneath).
+
+Binary tasks take ``y_true`` in {0, 1} and ``scores`` = probability of the positive class.
+A threshold is chosen on validation (:func:`choose_threshold`) and then applied unchanged to
+test (:func:`binary_report`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """``youden``: maximises sensitivity + specificity - 1 on the ROC curve;
+    ``sensitivity``: the highest threshold whose sensitivity reaches the target."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(y_true, scores)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # roc_curve's first threshold is +inf
+    if method == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if method == "sensitivity":
+        reaching = np.flatnonzero(tpr >= target_sensitivity)
+        return float(thresholds[reaching[0]])
+    raise ValueError(f"threshold method must be 'youden' or 'sensitivity', got {method!r}")
+
+
+def _rates(y_true, predicted):
+    from sklearn.metrics import confusion_matrix
+
+    tn, fp, fn, tp = confusion_matrix(y_true, predicted, labels=[0, 1]).ravel()
+    safe = lambda a, b: float(a / b) if b else float("nan")
+    return {"sensitivity": safe(tp, tp + fn), "specificity": safe(tn, tn + fp),
+            "ppv": safe(tp, tp + fp), "npv": safe(tn, tn + fn),
+            "accuracy": safe(tp + tn, tp + tn + fp + fn),
+            "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]}
+
+
+def binary_report(y_true, scores, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """AUC, sensitivity, specificity, PPV, NPV, accuracy at ``threshold`` (predict positive
+    when score >= threshold), with percentile bootstrap 95 % intervals for AUC,
+    sensitivity and specificity."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true, scores = np.asarray(y_true).astype(int), np.asarray(scores, dtype=float)
+    report = {"threshold": float(threshold), "auc": float(roc_auc_score(y_true, scores)),
+              **_rates(y_true, (scores >= threshold).astype(int)), "n": int(len(y_true))}
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        samples = {"auc": [], "sensitivity": [], "specificity": []}
+        for _ in range(bootstrap):
+            index = rng.integers(0, len(y_true), len(y_true))
+            if len(np.unique(y_true[index])) < 2:
+                continue  # AUC needs both classes
+            samples["auc"].append(roc_auc_score(y_true[index], scores[index]))
+            rates = _rates(y_true[index], (scores[index] >= threshold).astype(int))
+            samples["sensitivity"].append(rates["sensitivity"])
+            samples["specificity"].append(rates["specificity"])
+        report["ci95"] = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+                          for k, v in samples.items()}
+    return report
+
+
+def multiclass_auc(y_true, probabilities) -> dict:
+    """One-vs-rest ROC-AUC per class and their macro average."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true).astype(int)
+    per_class = [float(roc_auc_score(y_true == j, probabilities[:, j])) if 0 < (y_true == j).sum() < len(y_true)
+                 else float("nan") for j in range(probabilities.shape[1])]
+    return {"per_class": per_class, "macro": float(np.nanmean(per_class))}
+
+
+def expected_calibration_error(y_true, probabilities, bins: int = 15) -> float:
+    """ECE of the top-class confidence: sum over equal-width bins of |accuracy - confidence|,
+    weighted by the share of samples in the bin."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(y_true).astype(int)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(error)
+
+
+def fit_temperature(y_true, logits) -> float:
+    """Temperature T minimising the validation negative log-likelihood of softmax(logits/T)
+    (Guo et al. 2017); one scalar, so accuracy is unchanged."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    y_true = np.asarray(y_true).astype(int)
+    logits = np.asarray(logits, dtype=float)
+
+    def nll(log_t):
+        return -log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y_true)), y_true].mean()
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+
+
+def per_group(y_true, scores, groups, reduce: str = "mean"):
+    """Aggregates image-level scores to one score per group (e.g. patient): mean or max;
+    a group's label is positive if any of its images is. Returns (labels, scores, group ids)."""
+    groups = np.asarray(groups)
+    ids = np.unique(groups)
+    y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=float)
+    combine = np.max if reduce == "max" else np.mean
+    labels = np.array([int(y_true[groups == g].max()) for g in ids])
+    pooled = np.array([combine(scores[groups == g]) for g in ids])
+    return labels, pooled, ids
