@@ -31,6 +31,7 @@ def build_backbone(
     pooling: str | None = "avg",
     preprocessing: str | None = None,
     layout: str | None = None,
+    stem: str = "replicate",
 ) -> keras.Model:
     """Builds a ResNet feature extractor that takes raw 0-255 images.
 
@@ -44,10 +45,17 @@ def build_backbone(
         preprocessing: override the preprocessing the weights expect (see
             :mod:`restransfer.preprocessing`); normally chosen for you.
         layout: ``"keras"`` or ``"torchvision"``; chosen from the weights when omitted.
+        stem: for 1-channel inputs: ``"replicate"`` the gray channel to RGB, or ``"sum"`` the
+            pretrained first-conv kernels over RGB into one input channel (fastai's way;
+            exactly equivalent on gray images, a third of the first conv's cost).
     """
     from restransfer import weights as weights_lib
 
     spec = get_spec(name)
+    if stem not in ("replicate", "sum"):
+        raise ValueError(f"stem must be 'replicate' or 'sum', got {stem!r}")
+    if stem == "sum" and input_shape[-1] == 1:
+        return _one_channel_stem(name, weights, input_shape, pooling, preprocessing, layout)
     if pooling not in ("avg", "max", None):
         raise ValueError(f"pooling must be 'avg', 'max' or None, got {pooling!r}")
     source = weights_lib.classify_weights(weights)
@@ -78,16 +86,41 @@ def build_backbone(
         model = keras.Model(inputs, model.output, name=spec.name)
     else:
         features = _torchvision_layout(x, spec)
-        if pooling == "avg":
-            features = layers.GlobalAveragePooling2D(name="avg_pool")(features)
-        elif pooling == "max":
-            features = layers.GlobalMaxPooling2D(name="max_pool")(features)
-        model = keras.Model(inputs, features, name=spec.name)
+        model = keras.Model(inputs, _pool(features, pooling), name=spec.name)
 
     if source == "torchvision":
         weights_lib.load_torchvision_weights(model, weights)
     elif source == "keras_file":
         weights_lib.load_keras_weights(model, weights)
+    return model
+
+
+def _pool(features, pooling):
+    if pooling == "avg":
+        return layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    if pooling == "max":
+        return layers.GlobalMaxPooling2D(name="max_pool")(features)
+    return features
+
+
+def _one_channel_stem(name, weights, input_shape, pooling, preprocessing, layout) -> keras.Model:
+    """A 1-channel network whose first conv holds the RGB weights' kernels summed over RGB."""
+    from restransfer.medical import load_rgb_weights_summed
+
+    rgb = build_backbone(name, weights, tuple(input_shape[:2]) + (3,), pooling, preprocessing, layout)
+    mode = rgb.get_layer("preprocess").mode
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = Preprocess(mode, keep_channels=True, name="preprocess")(inputs)
+    layout = "keras" if rgb.get_layer("conv1_conv").use_bias else "torchvision"
+    spec = get_spec(name)
+    if layout == "keras":
+        app = getattr(keras.applications, spec.keras_application)
+        model = keras.Model(inputs, app(include_top=False, weights=None, input_tensor=x, pooling=pooling).output,
+                            name=spec.name)
+    else:
+        features = _torchvision_layout(x, spec)
+        model = keras.Model(inputs, _pool(features, pooling), name=spec.name)
+    load_rgb_weights_summed(model, rgb)
     return model
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 log = logging.getLogger("restransfer.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".dcm", ".dicom", ".nii", ".nii.gz")
 SPLIT_DIR_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
                    "test": ("test", "testing")}
 
@@ -55,6 +56,7 @@ class ImageData:
     channels: int = 3
     groups: np.ndarray | None = None
     keep_precision: bool = False
+    decode_options: dict = dataclasses.field(default_factory=dict)  # DICOM/NIfTI: window, normalize, axis
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,12 +91,12 @@ class ImageData:
         if self.images is not None:
             images = tf.constant(self.images)
             return lambda i: (tf.gather(images, i), tf.gather(labels, i))
-        channels, keep = self.channels, self.keep_precision
+        channels, keep, options = self.channels, self.keep_precision, dict(self.decode_options)
         dtype = tf.float32 if keep else tf.uint8
         paths = tf.constant(self.paths)
 
         def fetch(i):
-            image = tf.numpy_function(lambda p: load_image(p.decode(), channels, keep),
+            image = tf.numpy_function(lambda p: load_image(p.decode(), channels, keep, **options),
                                       [tf.gather(paths, i)], dtype, stateful=False)
             return tf.ensure_shape(image, [None, None, channels]), tf.gather(labels, i)
 
@@ -121,14 +123,24 @@ class ImageData:
 # --- decoding ------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike, channels: int = 3, keep_precision: bool = False) -> np.ndarray:
+def load_image(path: str | os.PathLike, channels: int = 3, keep_precision: bool = False,
+               **medical_options) -> np.ndarray:
     """Decodes one file to uint8 HxWxC with PIL: EXIF orientation honoured, first GIF frame,
-    grayscale/RGBA/CMYK/palette converted, 16-bit scaled to 8-bit.
+    grayscale/RGBA/CMYK/palette converted, 16-bit scaled to 8-bit. DICOM and NIfTI
+    (``volume.nii.gz#slice``) go through :mod:`restransfer.medical` (``medical_options``:
+    window, normalize, axis).
 
     With ``keep_precision`` the result is float32 on the same 0-255 scale; a 16-bit image
     keeps all of its 65,536 levels (value * 255 / 65535) instead of being quantised.
     """
     from PIL import Image, ImageOps
+
+    from restransfer.medical import is_medical, read_medical
+
+    if is_medical(path):
+        gray = read_medical(path, **medical_options)
+        image = gray if channels == 1 else np.repeat(gray, 3, axis=-1)
+        return image if keep_precision else np.round(image).astype(np.uint8)
 
     with Image.open(path) as image:
         image.seek(0)
@@ -150,14 +162,16 @@ def load_image(path: str | os.PathLike, channels: int = 3, keep_precision: bool 
     return array.astype(np.float32) if keep_precision else array
 
 
-def check_image(path: str) -> str | None:
+def check_image(path: str, **medical_options) -> str | None:
     """Why a file cannot be used as an image, or None if it decodes fully."""
     try:
-        if os.path.getsize(path) == 0:
+        if os.path.getsize(path.split("#", 1)[0]) == 0:
             return "empty file (0 bytes)"
-        image = load_image(path)
+        image = load_image(path, **medical_options)
     except PermissionError:
         return "permission denied"
+    except ImportError as error:  # pydicom/nibabel missing: not the file's fault, say so once
+        raise ImportError(f"{path}: {error}") from None
     except Exception as error:  # PIL raises many types for corrupt data
         return f"cannot be decoded ({type(error).__name__}: {error})"
     if image.shape[0] < 2 or image.shape[1] < 2:
@@ -165,13 +179,16 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def check_files(paths: list[str], progress: bool = True) -> dict[str, str]:
+def check_files(paths: list[str], progress: bool = True, decode_options=None) -> dict[str, str]:
     """Decodes every file once (two threads); returns {path: reason} for the bad ones."""
+    import functools
+
     from tqdm.auto import tqdm
 
+    check = functools.partial(check_image, **(decode_options or {}))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         reasons = list(
-            tqdm(pool.map(check_image, paths), total=len(paths), desc="checking images",
+            tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
                  unit="img", disable=not progress or len(paths) < 50, leave=False)
         )
     return {path: reason for path, reason in zip(paths, reasons) if reason}
@@ -209,6 +226,7 @@ def image_folder(
     channels: int = 3,
     progress: bool = True,
     keep_precision: bool = False,
+    decode_options: dict | None = None,
 ) -> ImageData:
     """Images in class sub-folders: ``path/<class>/*.jpg``, or ``path/<split>/<class>/``.
 
@@ -236,13 +254,13 @@ def image_folder(
     for index, name in enumerate(names):
         class_dir = root / name
         files = sorted(p for p in class_dir.rglob("*") if p.is_file()) if class_dir.is_dir() else []
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+        images = [p for p in files if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith(".")]
         ignored += len(files) - len(images)
         paths += [str(p) for p in images]
         labels += [index] * len(images)
     if ignored:
         log.info("%s: ignored %d file(s) without an image extension", root, ignored)
-    bad = check_files(paths, progress=progress)
+    bad = check_files(paths, progress=progress, decode_options=decode_options)
     skipped = apply_policy(bad, policy, str(root))
     keep = [i for i, p in enumerate(paths) if p not in bad]
     counts = np.bincount(np.asarray(labels, dtype=int)[keep], minlength=len(names))
@@ -256,6 +274,7 @@ def image_folder(
         skipped=skipped,
         channels=channels,
         keep_precision=keep_precision,
+        decode_options=dict(decode_options or {}),
     )
 
 
@@ -318,6 +337,8 @@ def from_csv(
     channels: int = 3,
     allow_outside_root: bool = False,
     progress: bool = True,
+    keep_precision: bool = False,
+    decode_options: dict | None = None,
 ) -> ImageData:
     """Images listed in a CSV file or a pandas DataFrame.
 
@@ -365,12 +386,13 @@ def from_csv(
         else:
             labels = np.asarray([index[row[0]] for row in rows], np.int32)
     groups = frame[group_column].astype(str).to_numpy() if group_column else None
-    bad = check_files(paths, progress=progress)
+    bad = check_files(paths, progress=progress, decode_options=decode_options)
     skipped = apply_policy(bad, policy, where)
     keep = [i for i, p in enumerate(paths) if p not in bad]
     return ImageData(labels=labels[keep], class_names=names, paths=[paths[i] for i in keep],
                      skipped=skipped, multi_label=multi_label, channels=channels,
-                     groups=groups[keep] if groups is not None else None)
+                     groups=groups[keep] if groups is not None else None,
+                     keep_precision=keep_precision, decode_options=dict(decode_options or {}))
 
 
 def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) -> ImageData:

@@ -60,12 +60,26 @@ def test_preprocessing_is_inside_the_model():
                                [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-5)
 
 
-def test_grayscale_input_is_replicated_to_rgb():
-    model = rt.build_backbone("resnet18", input_shape=(32, 32, 1))
-    gray = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 1)).astype("float32")
-    rgb_model = rt.build_backbone("resnet18", input_shape=(32, 32, 3))
-    rgb_model.set_weights(model.get_weights())
-    np.testing.assert_allclose(model(gray), rgb_model(np.repeat(gray, 3, axis=-1)), atol=1e-5)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_one_channel_stem_equals_replicating_gray_to_rgb(name, tmp_path):
+    # pretrained-like RGB weights whose three input channels differ
+    rgb = rt.build_backbone(name, input_shape=(32, 32, 3))
+    rgb.save_weights(tmp_path / "rgb.weights.h5")
+    replicate = rt.build_backbone(name, weights=tmp_path / "rgb.weights.h5", input_shape=(32, 32, 1))
+    summed = rt.build_backbone(name, weights=tmp_path / "rgb.weights.h5", input_shape=(32, 32, 1), stem="sum")
+    assert summed.get_layer("conv1_conv").kernel.shape[2] == 1
+    np.testing.assert_allclose(summed.get_layer("conv1_conv").kernel.numpy(),
+                               rgb.get_layer("conv1_conv").kernel.numpy().sum(axis=2, keepdims=True))
+    gray = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    a, b = replicate(gray).numpy(), summed(gray).numpy()
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+
+def test_gray_inputs_use_channel_averaged_statistics():
+    layer = rt.build_backbone("resnet18", input_shape=(32, 32, 1)).get_layer("preprocess")
+    out = layer(np.full((1, 1, 1, 1), 255.0, np.float32)).numpy()[0, 0, 0]
+    expected = (1 - np.mean([0.485, 0.456, 0.406])) / np.mean([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(out, [expected] * 3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50v2"])
