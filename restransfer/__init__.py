@@ -15,6 +15,7 @@ _LAZY = {
     "build_backbone": "restransfer.backbones",
     "describe_backbones": "restransfer.registry",
     "ClassificationRecipe": "restransfer.recipes",
+    "MedicalImagingRecipe": "restransfer.medical_recipe",
     "Phase": "restransfer.phases",
     "preset": "restransfer.phases",
     "freeze": "restransfer.stages",
@@ -27,7 +28,7 @@ _LAZY = {
 }
 _SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training", "phases",
                "recipes", "export", "preprocessing", "config", "runs", "caching", "lr_finder", "report",
-               "cli")
+               "cli", "medical", "medical_recipe", "metrics", "gradcam")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -530,7 +530,8 @@ def find_duplicates(first: ImageData, second: ImageData) -> list[tuple[str, str]
     return [(seen[h], p) for h, p in digests(second).items() if h in seen]
 
 
-def as_image_data(source, class_names=None, split=None, policy="skip", channels=3) -> ImageData:
+def as_image_data(source, class_names=None, split=None, policy="skip", channels=3,
+                  decode_options=None) -> ImageData:
     """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`: an image
     folder, a ``.csv`` (path,label), an ``.npz`` (MedMNIST layout), ``"tfds:NAME[:SPLIT]"``,
     ``"sklearn:digits"``, or an ``(images, labels)`` tuple."""
@@ -542,7 +543,8 @@ def as_image_data(source, class_names=None, split=None, policy="skip", channels=
         name, _, tfds_split = source.removeprefix("tfds:").partition(":")
         return from_tfds(name, split=tfds_split or split or "train", channels=channels)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".csv"):
-        return from_csv(source, class_names=class_names, policy=policy, channels=channels)
+        return from_csv(source, class_names=class_names, policy=policy, channels=channels,
+                        decode_options=decode_options)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npz"):
         return from_npz(source, split={"val": "val", "test": "test"}.get(split, "train"),
                         class_names=class_names)
@@ -551,7 +553,7 @@ def as_image_data(source, class_names=None, split=None, policy="skip", channels=
         if split and find_split_dir(root, split) is None:
             split = None
         return image_folder(root, split=split, class_names=class_names, policy=policy,
-                            channels=channels)
+                            channels=channels, decode_options=decode_options)
     if isinstance(source, (tuple, list)) and len(source) == 2:
         return from_arrays(source[0], source[1], class_names=class_names)
     raise TypeError(

@@ -62,6 +62,8 @@ class ClassificationRecipe:
         deterministic: bool = False,
         cache_features="auto",
         cache_views: int = 1,
+        stem: str = "replicate",
+        decode_options: dict | None = None,
         seed: int = 0,
     ):
         get_spec(backbone)
@@ -94,6 +96,8 @@ class ClassificationRecipe:
             raise ValueError(f"cache_features must be 'auto', True or False, got {cache_features!r}")
         self.cache_features = cache_features
         self.cache_views = cache_views
+        self.stem = stem
+        self.decode_options = dict(decode_options or {})
         self.seed = seed
         self.model: keras.Model | None = None
         self.skipped: list[data_lib.SkippedFile] = []
@@ -107,7 +111,8 @@ class ClassificationRecipe:
             raise ValueError("num_classes (or class_names) is needed to build the model")
         configure_precision(self.precision)
         shape = (self.image_size, self.image_size, self.channels)
-        backbone = build_backbone(self.backbone_name, weights=self.weights, input_shape=shape)
+        backbone = build_backbone(self.backbone_name, weights=self.weights, input_shape=shape,
+                                  stem=self.stem)
         inputs = keras.Input(shape=shape, name="image")
         head = ClassifierHead(
             self.num_classes,
@@ -136,7 +141,8 @@ class ClassificationRecipe:
 
     def _as_data(self, source, split=None) -> data_lib.ImageData:
         data = data_lib.as_image_data(source, class_names=self.class_names, split=split,
-                                      policy=self.bad_images, channels=self.channels)
+                                      policy=self.bad_images, channels=self.channels,
+                                      decode_options=self.decode_options)
         self.skipped += data.skipped
         return data
 
@@ -230,12 +236,17 @@ class ClassificationRecipe:
             checkpointer=checkpointer,
             resume_state=state,
             feature_cache=feature_cache,
+            **self._fit_options(train),
         )
         if self.skipped:
             print(f"{len(self.skipped)} unusable file(s) skipped: "
                   + ", ".join(os.path.basename(s.path) for s in self.skipped[:5])
                   + (" ..." if len(self.skipped) > 5 else ""))
         return self.history
+
+    def _fit_options(self, train) -> dict:
+        """Extra options for :func:`run_phases` (subclasses add class weights, losses)."""
+        return {}
 
     def _feature_cache(self, train, checkpoint_dir):
         """Head-only phases train on cached features: by default ("auto") only where that is
