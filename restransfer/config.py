@@ -92,6 +92,34 @@ class TrainingConfig(Strict):
     cache_views: int = Field(1, ge=1, le=100)
 
 
+class MedicalConfig(Strict):
+    """Used when ``task: medical``."""
+
+    class_weight: Literal["balanced"] | None = "balanced"
+    focal_gamma: float | None = Field(None, gt=0, le=10)
+    window: str | tuple[float, float] = Field("file", description="'file', a preset, or [centre, width]")
+    normalize: Literal["percentile", "minmax", "zscore"] = "percentile"
+    stem: Literal["replicate", "sum"] = "replicate"
+    threshold_method: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    positive_class: str | None = None
+    tta: bool = False
+    temperature_scaling: bool = False
+    gradcam_images: int = Field(6, ge=0, le=100)
+    threshold_val_fraction: float = Field(0.15, gt=0, lt=1, description="cross-validation: share of each fold's training part held out to choose the threshold")
+
+    @field_validator("window")
+    @classmethod
+    def _known_window(cls, value):
+        from restransfer.registry import WINDOW_PRESETS
+
+        if isinstance(value, str) and value != "file" and value not in WINDOW_PRESETS:
+            raise ValueError(unknown_name("window preset", value, ["file", *WINDOW_PRESETS]))
+        if isinstance(value, tuple) and not value[1] > 0:
+            raise ValueError(f"window width must be > 0, got {value[1]}")
+        return value
+
+
 class ExportConfig(Strict):
     enabled: bool = True
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -102,7 +130,7 @@ class RecipeConfig(Strict):
     """The whole recipe. ``fine_tune`` is a list of phases or a preset name."""
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification", "multilabel"] = "classification"
+    task: Literal["classification", "multilabel", "medical"] = "classification"
     backbone: BackboneConfig = BackboneConfig()
     input: InputConfig = InputConfig()
     data: DataConfig
@@ -110,6 +138,7 @@ class RecipeConfig(Strict):
     fine_tune: list[Phase] | str = "two_phase"
     fine_tune_epochs: int = Field(6, ge=1, description="epoch budget when fine_tune is a preset")
     training: TrainingConfig = TrainingConfig()
+    medical: MedicalConfig = MedicalConfig()
     export: ExportConfig = ExportConfig()
     seed: int = Field(0, ge=0)
     output_dir: str = "runs"

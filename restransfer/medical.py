@@ -12,20 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.registry import WINDOW_PRESETS  # re-exported: restransfer.medical.WINDOW_PRESETS
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-# (centre, width) in Hounsfield units; common radiology presets.
-WINDOW_PRESETS = {
-    "brain": (40.0, 80.0),
-    "subdural": (75.0, 215.0),
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "bone": (400.0, 1800.0),
-    "soft_tissue": (50.0, 400.0),
-    "liver": (60.0, 160.0),
-}
-
 
 def is_medical(path) -> bool:
     name = str(path).split("#", 1)[0].lower()

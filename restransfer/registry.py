@@ -44,6 +44,17 @@ _SPECS = [
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
 STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
 
+# CT windows, (centre, width) in Hounsfield units; used by restransfer.medical.
+WINDOW_PRESETS = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "soft_tissue": (50.0, 400.0),
+    "liver": (60.0, 160.0),
+}
+
 
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone`, shallowest first."""

@@ -110,7 +110,8 @@ def wrong_grid_png(images, y_true, y_pred, confidence, class_names, limit=12) ->
 
 
 def write_report(path, title: str, history, class_names, y_true, probabilities, images=None,
-                 multi_label: bool = False, metrics: dict | None = None, notes: list[str] = ()) -> None:
+                 multi_label: bool = False, metrics: dict | None = None, notes: list[str] = (),
+                 extra_images=()) -> None:
     """Writes the report. ``y_true``: class ids (or 0/1 rows for multi-label)."""
     from sklearn.metrics import classification_report
 
@@ -136,6 +137,10 @@ def write_report(path, title: str, history, class_names, y_true, probabilities, 
         grid = wrong_grid_png(images, y_true, y_pred, probabilities.max(axis=1), class_names)
         sections.append(("Most confidently wrong validation images", grid) if grid else
                         ("Most confidently wrong validation images", None))
+
+    if extra_images:  # e.g. Grad-CAM overlays, already PNG files
+        for picture in extra_images:
+            sections.append((f"Grad-CAM: {picture.stem}", base64.b64encode(picture.read_bytes()).decode()))
 
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"

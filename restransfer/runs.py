@@ -84,7 +84,21 @@ def recipe_from_config(config: RecipeConfig, class_names=None):
     """The Python equivalent of a recipe file (the same model for the same seed)."""
     from restransfer.recipes import ClassificationRecipe
 
-    return ClassificationRecipe(
+    extra = {}
+    recipe_class = ClassificationRecipe
+    if config.task == "medical":
+        from restransfer.medical_recipe import MedicalImagingRecipe
+
+        recipe_class = MedicalImagingRecipe
+        medical = config.medical
+        extra = dict(class_weight=medical.class_weight, focal_gamma=medical.focal_gamma,
+                     window=list(medical.window) if isinstance(medical.window, tuple) else medical.window,
+                     normalize=medical.normalize, stem=medical.stem,
+                     threshold_method=medical.threshold_method,
+                     target_sensitivity=medical.target_sensitivity,
+                     positive_class=medical.positive_class, tta=medical.tta,
+                     temperature_scaling=medical.temperature_scaling)
+    return recipe_class(**extra,
         backbone=config.backbone.name,
         weights=config.backbone.weights,
         class_names=class_names,
@@ -107,8 +121,17 @@ def recipe_from_config(config: RecipeConfig, class_names=None):
     )
 
 
+def _decode_options(config: RecipeConfig) -> dict:
+    if config.task != "medical":
+        return {}
+    window = config.medical.window
+    return {"window": list(window) if isinstance(window, tuple) else window,
+            "normalize": config.medical.normalize}
+
+
 def _read(source: str, config: RecipeConfig, split: str | None, class_names=None) -> data_lib.ImageData:
-    options = dict(policy=config.data.bad_images, channels=config.input.channels)
+    options = dict(policy=config.data.bad_images, channels=config.input.channels,
+                   decode_options=_decode_options(config))
     if source.lower().endswith(".csv"):
         return data_lib.from_csv(source, class_names=class_names, **config.data.csv.model_dump(), **options)
     return data_lib.as_image_data(source, class_names=class_names, split=split, **options)
@@ -132,7 +155,8 @@ def load_splits(config: RecipeConfig):
 
 
 def _folder_options(config):
-    return dict(policy=config.data.bad_images, channels=config.input.channels)
+    return dict(policy=config.data.bad_images, channels=config.input.channels,
+                decode_options=_decode_options(config))
 
 
 def prepare_run_dir(config: RecipeConfig, overwrite: bool, resume: bool) -> Path:
@@ -166,7 +190,8 @@ def _predictions(recipe, data):
     return np.concatenate(probabilities), np.asarray(images)
 
 
-def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str):
+def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str,
+                         extra_images=()):
     from restransfer.report import write_report
 
     metrics = {}
@@ -180,7 +205,7 @@ def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test,
                  f"{len(recipe.skipped)} unusable file(s) skipped"]
         write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, val.labels,
                      probabilities, grid_images, multi_label=recipe.multi_label, metrics=metrics,
-                     notes=notes)
+                     notes=notes, extra_images=extra_images)
     return metrics
 
 
@@ -222,7 +247,12 @@ def _train_single(config, run_dir: Path, train_data, val, test, resume: bool, ve
         recipe.fit(train_data, validation_data=val, callbacks=_callbacks(run_dir), verbose=verbose,
                    checkpoint_dir=run_dir / "checkpoints", resume=resume)
         recipe.save(model_path)
-    metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}")
+    clinical = (_clinical(recipe, config, val, test if test is not None else val, run_dir)
+                if config.task == "medical" else None)
+    metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}",
+                                   extra_images=sorted((run_dir / "gradcam").glob("*.png")))
+    if clinical is not None:
+        metrics["clinical"] = clinical
     metrics["skipped_files"] = [{"path": s.path, "reason": s.reason} for s in recipe.skipped]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if config.export.enabled:
@@ -232,6 +262,17 @@ def _train_single(config, run_dir: Path, train_data, val, test, resume: bool, ve
         if not any(p.name.isdigit() for p in model_dir.glob("*")):
             recipe.export(run_dir / "export", model_name=model_dir.name, top_k=config.export.top_k,
                           warmup_images=_warmup_images(val or train_data, config.input.channels))
+
+
+def _clinical(recipe, config, val, test, out_dir: Path) -> dict:
+    """Threshold (and temperature) chosen on ``val``, then applied unchanged to ``test``;
+    Grad-CAM overlays of the first test images."""
+    if val is not None:
+        recipe.calibrate(val)
+    report = recipe.evaluate_clinical(test)
+    if config.medical.gradcam_images:
+        recipe.grad_cam_overlays(test, out_dir / "gradcam", count=config.medical.gradcam_images)
+    return report
 
 
 def _saved_history(run_dir: Path):
@@ -268,13 +309,27 @@ def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) ->
 
         keras.backend.clear_session()
         recipe = recipe_from_config(config, class_names=everything.class_names)
-        recipe.fit(train_part, validation_data=val_part, callbacks=_callbacks(run_dir, f"_fold{index + 1}"),
-                   verbose=verbose)
+        if config.task == "medical":
+            # the held-out fold is the test set; a slice of the training part chooses the
+            # threshold (and drives early stopping), so nothing is tuned on the test fold
+            fit_part, threshold_part = data_lib.stratified_split(
+                train_part, config.medical.threshold_val_fraction, config.seed)
+        else:
+            fit_part, threshold_part = train_part, val_part
+        recipe.fit(fit_part, validation_data=threshold_part,
+                   callbacks=_callbacks(run_dir, f"_fold{index + 1}"), verbose=verbose)
         recipe.save(fold_dir / "model.keras")
+        clinical = _clinical(recipe, config, threshold_part, val_part, fold_dir) if config.task == "medical" else None
         metrics = _evaluate_and_report(recipe, fold_dir, config, val_part, None,
-                                       f"{config.name}: fold {index + 1}/{config.data.cv_folds}")
-        probabilities = recipe.predict_dataset(val_part)
-        if len(everything.class_names) == 2:
+                                       f"{config.name}: fold {index + 1}/{config.data.cv_folds}",
+                                       extra_images=sorted((fold_dir / "gradcam").glob("*.png")))
+        if clinical is not None:
+            binary = clinical.get("binary", {})
+            metrics.update({f"test_{k}": binary[k] for k in ("auc", "sensitivity", "specificity", "accuracy")
+                            if k in binary})
+            (fold_dir / "clinical.json").write_text(json.dumps(clinical, indent=2))
+        elif len(everything.class_names) == 2:
+            probabilities = recipe.predict_dataset(val_part)
             metrics["val_auc"] = float(roc_auc_score(val_part.labels, probabilities[:, 1]))
         folds.append(metrics)
     keys = sorted(set.intersection(*(set(f) for f in folds)))
