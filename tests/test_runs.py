@@ -213,3 +213,20 @@ def test_a_recipe_file_and_the_equivalent_python_give_the_same_model(tmp_path, t
     by_hand.fit(tiny_folder / "train", verbose=0)
     for a, b in zip(from_yaml.model.get_weights(), by_hand.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_medical_cross_validation_reports_clinical_figures_per_fold(tmp_path):
+    from conftest import SHARED, require_shared
+
+    require_shared(SHARED / "data" / "brain_mri")
+    run_dir = runs.train(REPO / "recipes" / "brain_mri.yaml",
+                         ["data.cv_folds=2", "fine_tune_epochs=1", "input.image_size=48",
+                          "backbone.weights=null", "medical.gradcam_images=2", f"output_dir={tmp_path}"],
+                         verbose=0)
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    for key in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy"):
+        assert 0 <= summary[key]["mean"] <= 1 and summary[key]["sd"] >= 0
+    clinical = json.loads((run_dir / "fold1" / "clinical.json").read_text())
+    assert 0 < clinical["binary"]["threshold"] < 1 and "ci95" in clinical["binary"]
+    assert len(list((run_dir / "fold1" / "gradcam").glob("*.png"))) == 2
+    assert (run_dir / "fold1" / "report.html").read_text().count("Grad-CAM") == 2
