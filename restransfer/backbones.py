@@ -178,10 +178,5 @@ def _torchvision_layout(x, spec: BackboneSpec):
     return x
 
 
-def count_params(name: str) -> int:
-    """Parameter count of the pooled feature extractor (built without weights)."""
-    return build_backbone(name, weights=None, input_shape=(64, 64, 3)).count_params()
-
-
 __all__ = ["BACKBONES", "BackboneSpec", "build_backbone", "describe_backbones", "get_spec",
            "list_backbones"]

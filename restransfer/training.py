@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from restransfer import stages as stages_lib
-from restransfer.phases import Phase, default_phases, preset  # noqa: F401  (re-exported)
+from restransfer.phases import Phase
 
 
 # --- schedules -----------------------------------------------------------------------------
