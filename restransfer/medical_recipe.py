@@ -114,18 +114,24 @@ class MedicalImagingRecipe(ClassificationRecipe):
         return report
 
     def grad_cam_overlays(self, data, out_dir, count: int = 6, stage: str = "stage4") -> list[Path]:
-        """Grad-CAM overlay PNGs for the first ``count`` images of ``data``."""
+        """Grad-CAM overlay PNGs (for the predicted class) of ``count`` images of ``data``,
+        taken from each class in turn."""
         from restransfer.gradcam import grad_cam, overlay_png
 
         source = self._as_data(data, split="test")
+        if not source.multi_label:  # round-robin over classes, so each class is shown
+            by_class = [list(np.flatnonzero(source.labels == c)) for c in range(source.num_classes)]
+            picked = [members[i] for i in range(len(source)) for members in by_class if i < len(members)]
+            source = source.subset(picked[:count])
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for index, (image, _) in enumerate(self._pipeline(source, training=False).unbatch().take(count)):
+        for index, (image, label) in enumerate(self._pipeline(source, training=False).unbatch().take(count)):
             image = image.numpy()
             heat = grad_cam(self._require_model(), image, stage=stage)
             name = Path(source.paths[index]).stem if source.paths else f"image{index}"
-            path = out_dir / f"gradcam_{index:02d}_{name}.png"
+            truth = self.class_names[int(label)] if not source.multi_label else "multi"
+            path = out_dir / f"gradcam_{index:02d}_{truth}_{name}.png"
             overlay_png(image, heat, path)
             written.append(path)
         return written
