@@ -304,9 +304,12 @@ def _features_of(backbone, dataset):
     """Runs a finite (images, labels) dataset through the frozen backbone once."""
     import tensorflow as tf
 
+    from restransfer.caching import _compiled
+
+    extract = _compiled(backbone)
     features, labels = [], []
     for images, batch_labels in dataset:
-        features.append(backbone(images, training=False))
+        features.append(extract(images))
         labels.append(batch_labels)
     return tf.data.Dataset.from_tensor_slices((tf.concat(features, 0), tf.concat(labels, 0))) \
         .batch(int(tf.shape(features[0])[0])).cache()

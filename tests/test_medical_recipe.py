@@ -82,3 +82,20 @@ def test_focal_loss_trains():
                                      phases=[Phase("all", epochs=1, lr=1e-3)])
     history = recipe.fit(lesions(32, 5), verbose=0)
     assert "focal" in recipe.model.loss.name and np.isfinite(history.history["loss"]).all()
+
+
+def test_multi_label_findings_get_per_label_figures():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(30, 80, (40, 48, 48, 1)).astype(np.uint8)
+    findings = rng.integers(0, 2, (40, 2))
+    images[findings[:, 0] == 1, 4:16, 4:16] = 230    # finding A: bright top-left
+    images[findings[:, 1] == 1, 30:42, 30:42] = 230  # finding B: bright bottom-right
+    source = data.from_arrays(images, findings.astype("float32"), class_names=["a", "b"])
+    recipe = rt.MedicalImagingRecipe(backbone="resnet18", weights=None, image_size=48, channels=1,
+                                     multi_label=True, batch_size=16, val_fraction=0,
+                                     phases=[Phase("all", epochs=2, lr=2e-3)])
+    recipe.fit(source, verbose=0)
+    report = recipe.evaluate_clinical(source, bootstrap=50)
+    assert set(report["per_label"]) == {"a", "b"}
+    for figures in report["per_label"].values():
+        assert {"auc", "sensitivity", "specificity", "ppv", "npv", "ci95"} <= set(figures)
