@@ -78,8 +78,9 @@ class FeatureCache:
 
         count, width = len(self.data), int(backbone.output_shape[-1])
         size = self.views * count * width * 4
-        if path is not None and size > self.memory_budget:
+        if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and size > self.memory_budget:
             partial = path.with_suffix(".partial.npy")
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
                                             shape=(self.views, count, width))

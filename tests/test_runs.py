@@ -229,4 +229,4 @@ def test_medical_cross_validation_reports_clinical_figures_per_fold(tmp_path):
     clinical = json.loads((run_dir / "fold1" / "clinical.json").read_text())
     assert 0 < clinical["binary"]["threshold"] < 1 and "ci95" in clinical["binary"]
     assert len(list((run_dir / "fold1" / "gradcam").glob("*.png"))) == 2
-    assert (run_dir / "fold1" / "report.html").read_text().count("Grad-CAM") == 2
+    assert (run_dir / "fold1" / "report.html").read_text().count('alt="Grad-CAM') == 2
