@@ -135,8 +135,9 @@ def cmd_train(args) -> int:
     run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
                          verbose=2 if args.quiet_progress else "auto")
     if args.json:
+        metrics_file = run_dir / "metrics.json"  # absent on a multi-worker run's other workers
         print(json.dumps({"run_dir": str(run_dir),
-                          "metrics": json.loads((run_dir / "metrics.json").read_text())}))
+                          "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None}))
     return EXIT_OK
 
 

@@ -90,6 +90,11 @@ class TrainingConfig(Strict):
     deterministic: bool = Field(False, description="TF op determinism: identical weights run to run")
     cache_features: Literal["auto", True, False] = "auto"
     cache_views: int = Field(1, ge=1, le=100)
+    distribute: Literal["auto", "none", "mirrored", "multi_worker"] = Field(
+        "auto", description="auto: all GPUs of this machine when it has several; multi_worker: TF_CONFIG or SLURM")
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: learning rates x replicas (batch_size is per replica)")
+    sync_batchnorm: bool = Field(False, description="BatchNorm statistics over the global batch")
 
 
 class MedicalConfig(Strict):
@@ -156,6 +161,9 @@ class RecipeConfig(Strict):
     def _consistent(self):
         if self.task == "multilabel" and self.data.cv_folds:
             raise ValueError("cross-validation (data.cv_folds) is for single-label tasks")
+        if self.training.distribute == "multi_worker" and self.data.cv_folds:
+            raise ValueError("training.distribute: multi_worker trains one model; cross-validation "
+                             "(data.cv_folds) runs on one machine (use mirrored or none)")
         return self
 
     def phases(self) -> list[Phase]:

@@ -592,8 +592,14 @@ def make_pipeline(
     start_epoch: int = 0,
     in_order: bool = False,
     epochs: int | None = None,
+    shard: tuple[int, int] | None = None,
 ):
     """Batches of (float32 images 0-255 at image_size, labels), prefetched.
+
+    ``shard=(workers, index)`` (training pipelines, multi-worker): this worker's share of
+    every epoch -- every ``workers``-th image of the epoch's order from ``index``, the same
+    number on every worker (the ``len % workers`` images left over change each epoch). Only
+    the shard's files are read.
 
     ``in_order`` keeps index order in training pipelines (still augmented with the epoch's
     seeds): used to cache augmented views of features. ``epochs`` bounds the pipeline.
@@ -629,6 +635,9 @@ def make_pipeline(
 
         def one_epoch(epoch):
             order = tf.range(count, dtype=tf.int64) if in_order else epoch_order(count, seed, epoch)
+            if shard is not None:
+                workers, index = shard
+                order = order[index: count // workers * workers: workers]
             image_seeds = seed * 1_000_003 + epoch * 100_003 + order
             return tf.data.Dataset.from_tensor_slices((order, image_seeds)).map(
                 lambda i, s: (*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -638,7 +647,8 @@ def make_pipeline(
             lambda epoch: one_epoch(epoch).map(resize, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True).batch(batch_size))
     else:  # streamed sources (TFDS): seeded shuffle, not reproducible across a resume
-        ds = data.dataset.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
+        ds = data.dataset if shard is None else data.dataset.shard(*shard)
+        ds = ds.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
         ds = ds.map(lambda item, s: resize(item[0], item[1], s), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).repeat()

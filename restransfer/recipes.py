@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -64,8 +63,13 @@ class ClassificationRecipe:
         cache_views: int = 1,
         stem: str = "replicate",
         decode_options: dict | None = None,
+        distribute: str = "auto",
+        lr_scaling: str = "linear",
+        sync_batchnorm: bool = False,
         seed: int = 0,
     ):
+        from restransfer import distribute as distribute_lib
+
         get_spec(backbone)
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names but num_classes={num_classes}")
@@ -73,6 +77,10 @@ class ClassificationRecipe:
             raise ValueError(f"image_size must be >= 32, got {image_size}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if distribute not in distribute_lib.STRATEGIES:
+            raise ValueError(f"distribute must be one of {', '.join(distribute_lib.STRATEGIES)}, got {distribute!r}")
+        if lr_scaling not in distribute_lib.LR_SCALING:
+            raise ValueError(f"lr_scaling must be one of {', '.join(distribute_lib.LR_SCALING)}, got {lr_scaling!r}")
         self.backbone_name = backbone.lower()
         self.weights = weights
         self.class_names = list(class_names) if class_names else None
@@ -98,6 +106,10 @@ class ClassificationRecipe:
         self.cache_views = cache_views
         self.stem = stem
         self.decode_options = dict(decode_options or {})
+        self.distribute = distribute
+        self.lr_scaling = lr_scaling
+        self.sync_batchnorm = sync_batchnorm
+        self.worker = distribute_lib.Worker()  # this process's place in the cluster, set by fit
         self.seed = seed
         self.model: keras.Model | None = None
         self.skipped: list[data_lib.SkippedFile] = []
@@ -147,12 +159,20 @@ class ClassificationRecipe:
         return data
 
     def _pipeline(self, data, training: bool, start_epoch: int = 0):
+        """Batches for this process. Several replicas on one machine: batches of
+        ``batch_size`` x replicas, which Keras splits. Several workers: training batches of
+        ``batch_size`` from this worker's shard of the files, one per replica and step."""
+        worker = self.worker
+        sharded = training and worker.count > 1
         if _is_tf_dataset(data):
+            if sharded:  # a user's dataset: shard by data (batches)
+                return data.shard(worker.count, worker.index).repeat()
             return data
         return data_lib.make_pipeline(
-            data, self.image_size, self.batch_size, training=training,
-            augmentation=self.augmentation if training else None, seed=self.seed,
-            start_epoch=start_epoch,
+            data, self.image_size, self.batch_size * (1 if sharded else worker.local_replicas),
+            training=training, augmentation=self.augmentation if training else None,
+            seed=self.seed, start_epoch=start_epoch,
+            shard=(worker.count, worker.index) if sharded else None,
         )
 
     def _train_pipelines(self, train):
@@ -165,7 +185,7 @@ class ClassificationRecipe:
         if _is_tf_dataset(train_data):
             if self.num_classes is None:
                 raise ValueError("with a tf.data.Dataset, pass num_classes or class_names")
-            steps = int(train_data.cardinality())
+            steps = int(train_data.cardinality()) // self.worker.count
             return train_data, validation_data, steps if steps > 0 else 1
         train = self._as_data(train_data, split="train")
         if self.class_names is None:
@@ -183,8 +203,9 @@ class ClassificationRecipe:
         if isinstance(validation_data, data_lib.ImageData) and train.paths and validation_data.paths:
             for first, second in data_lib.find_duplicates(train, validation_data):
                 data_lib.log.warning("same image in train and validation: %s and %s", first, second)
-        steps = math.ceil(len(train) / self.batch_size)
-        return train, validation_data, steps
+        from restransfer.distribute import steps_per_epoch
+
+        return train, validation_data, steps_per_epoch(len(train), self.batch_size, self.worker)
 
     # --- fit / evaluate / predict -------------------------------------------------------
 
@@ -201,29 +222,51 @@ class ClassificationRecipe:
         ``resume=True`` continues from there (same data order and augmentation as an
         uninterrupted run; bit-identical with ``deterministic=True``).
         """
+        import contextlib
+
+        from restransfer import distribute
         from restransfer.training import Checkpointer
 
+        # First: MultiWorkerMirroredStrategy must exist before other TensorFlow work runs.
+        strategy = distribute.get_strategy(self.distribute)
+        self.worker = distribute.worker(strategy)
+        scope = strategy.scope if strategy is not None else contextlib.nullcontext
         keras.utils.set_random_seed(self.seed)
         if self.deterministic:
             import tensorflow as tf
 
             tf.config.experimental.enable_op_determinism()
         train, val, steps = self._training_data(train_data, validation_data)
-        checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
-        feature_cache = self._feature_cache(train, checkpoint_dir)
+        checkpointer = Checkpointer(checkpoint_dir, writer=self.worker.is_chief) if checkpoint_dir else None
+        feature_cache = self._feature_cache(train, checkpoint_dir) if strategy is None else None
+        phases = self.phases
+        if strategy is not None:
+            if self.lr_scaling == "linear":
+                phases = distribute.scale_learning_rates(phases, self.worker.replicas)
+            kind = "multi_worker" if distribute.is_multi_worker(strategy) else "mirrored"
+            print(f"distributed ({kind}): worker {self.worker.index + 1}/"
+                  f"{self.worker.count}, {self.worker.replicas} replica(s), global batch "
+                  f"{self.batch_size * self.worker.replicas}, learning rates x"
+                  f"{self.worker.replicas if self.lr_scaling == 'linear' else 1}")
         state = None
         if resume and checkpointer is not None:
-            model, state = checkpointer.load()
+            with scope():
+                model, state = checkpointer.load()
             if model is not None:
                 configure_precision(self.precision)
                 self.model = model
                 print(f"resuming from {checkpointer.model_path}: phase {state['phase'] + 1}, "
                       f"{state['epoch']} epoch(s) done")
         if self.model is None:
-            self.build()
+            with scope():
+                self.build()
+        elif strategy is not None and state is None:  # a model built before: its variables into the scope
+            self.model = distribute.copy_model(self.model, strategy)
+        if strategy is not None:
+            distribute.synchronize_batchnorm(self.model, self.sync_batchnorm)
         self.history = run_phases(
             self.model,
-            self.phases,
+            phases,
             self._train_pipelines(train),
             self._pipeline(val, training=False) if val is not None else None,
             steps_per_epoch=steps,
@@ -231,13 +274,17 @@ class ClassificationRecipe:
             num_classes=self.num_classes,
             patience=self.early_stopping_patience,
             callbacks=callbacks,
-            verbose=verbose,
+            verbose=verbose if self.worker.is_chief else 0,
             seed=self.seed,
             checkpointer=checkpointer,
             resume_state=state,
             feature_cache=feature_cache,
+            strategy=strategy,
             **self._fit_options(train),
         )
+        if strategy is not None:  # evaluate, predict, save and export on one device
+            distribute.synchronize_batchnorm(self.model, False)
+            self.model = distribute.copy_model(self.model)
         if self.skipped:
             print(f"{len(self.skipped)} unusable file(s) skipped: "
                   + ", ".join(os.path.basename(s.path) for s in self.skipped[:5])
@@ -321,6 +368,9 @@ class ClassificationRecipe:
         """SavedModel for TensorFlow Serving (see :mod:`restransfer.export`)."""
         from restransfer.export import export_saved_model
 
+        if not self.worker.is_chief:
+            print(f"worker {self.worker.index}: only the chief exports; nothing written")
+            return Path(out_dir)
         if warmup_images is not None and len(warmup_images) and isinstance(warmup_images[0], (str, os.PathLike)):
             warmup_images = [data_lib.load_image(p, self.channels) for p in warmup_images]
         return export_saved_model(
@@ -352,6 +402,9 @@ class ClassificationRecipe:
         path = Path(path)
         if path.suffix != ".keras":
             raise ValueError(f"save() writes a .keras file; got {path}")
+        if not self.worker.is_chief:
+            print(f"worker {self.worker.index}: only the chief saves; {path} not written")
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=".saving-")
         os.close(handle)

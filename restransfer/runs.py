@@ -117,6 +117,9 @@ def recipe_from_config(config: RecipeConfig, class_names=None):
         deterministic=config.training.deterministic,
         cache_features=config.training.cache_features,
         cache_views=config.training.cache_views,
+        distribute=config.training.distribute,
+        lr_scaling=config.training.lr_scaling,
+        sync_batchnorm=config.training.sync_batchnorm,
         seed=config.seed,
     )
 
@@ -216,6 +219,12 @@ def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="aut
     training restarts from the last complete epoch.
     """
     config, resolved = load_recipe(recipe_path, overrides)
+    from restransfer import distribute
+
+    # first TensorFlow work of the process: a multi-worker strategy must come before any other
+    strategy = distribute.get_strategy(config.training.distribute)
+    if not distribute.worker(strategy).is_chief:
+        return _train_worker(config, resume, verbose)
     run_dir = prepare_run_dir(config, overwrite, resume)
     with RunLock(run_dir):
         check_free_space(run_dir, config)
@@ -229,6 +238,20 @@ def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="aut
             return _cross_validate(config, train_data, run_dir, verbose)
         _train_single(config, run_dir, train_data, val, test, resume, verbose)
     print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _train_worker(config: RecipeConfig, resume: bool, verbose) -> Path:
+    """A multi-worker run's non-chief worker: trains its share, reads the chief's
+    checkpoints (on a file system the workers share) to resume, and writes nothing."""
+    run_dir = Path(config.output_dir) / config.name
+    if resume and (run_dir / "model.keras").is_file():  # the chief decides the same way
+        return run_dir
+    train_data, val, _ = load_splits(config)
+    recipe = recipe_from_config(config, class_names=train_data.class_names)
+    recipe.fit(train_data, validation_data=val, verbose=verbose, checkpoint_dir=run_dir / "checkpoints",
+               resume=resume)
+    print(f"worker {recipe.worker.index} of {recipe.worker.count} done; the chief writes {run_dir}")
     return run_dir
 
 

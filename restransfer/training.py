@@ -151,10 +151,9 @@ def one_hot_labels(ds, num_classes: int):
     return ds.map(lambda x, y: (x, tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), num_classes)))
 
 
-def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 0.0,
-                  focal_gamma: float | None = None) -> None:
+def loss_and_metrics(multi_label: bool, label_smoothing: float = 0.0, focal_gamma: float | None = None):
     """Cross-entropy (softmax or per-label sigmoid), or focal loss when ``focal_gamma`` is
-    set (down-weights easy examples; for imbalanced data)."""
+    set (down-weights easy examples; for imbalanced data); and the metrics to report."""
     if multi_label:
         loss = (keras.losses.BinaryFocalCrossentropy(gamma=focal_gamma) if focal_gamma
                 else keras.losses.BinaryCrossentropy())
@@ -164,6 +163,12 @@ def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 
         loss = (keras.losses.CategoricalFocalCrossentropy(gamma=focal_gamma, label_smoothing=label_smoothing)
                 if focal_gamma else keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    return loss, metrics
+
+
+def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 0.0,
+                  focal_gamma: float | None = None) -> None:
+    loss, metrics = loss_and_metrics(multi_label, label_smoothing, focal_gamma)
     # On a GPU, run several steps per call to keep it fed; Keras' jit_compile="auto" turns
     # XLA on there and leaves it off on CPUs (where it measured ~2x slower here).
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
@@ -220,13 +225,18 @@ class Checkpointer:
 
     ``last.keras`` and ``state.json`` are each written to a temporary file and renamed, and
     the state is written after the model, so the state never points past the model.
+
+    In multi-worker training every worker reads the checkpoint (the directory must be on a
+    file system they share) and only the chief (``writer=True``) writes it.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, writer: bool = True):
         from pathlib import Path
 
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.model_path = self.directory / "last.keras"
         self.state_path = self.directory / "state.json"
 
@@ -246,6 +256,8 @@ class Checkpointer:
         import json
         import os
 
+        if not self.writer:
+            return
         state = {**state, "rng": {path: np.asarray(g.state.value).tolist()
                                   for path, g in self._seed_generators(model).items()}}
         temporary = self.directory / ".last.keras.partial.keras"
@@ -354,6 +366,7 @@ def run_phases(
     feature_cache=None,
     class_weight: dict | None = None,
     focal_gamma: float | None = None,
+    strategy=None,
 ) -> TrainingHistory:
     """Runs the phases; with a ``checkpointer`` saves after every epoch and phase, and with
     ``resume_state`` (from :meth:`Checkpointer.load`, the model already loaded) continues
@@ -364,7 +377,18 @@ def run_phases(
     ``train_ds``: a dataset (used as given, one pass per epoch), or a function
     ``start_epoch -> endless dataset`` (restransfer's own pipelines), run for
     ``steps_per_epoch`` steps per epoch.
+
+    ``strategy``: a tf.distribute strategy the model was built under (see
+    :mod:`restransfer.distribute`); optimizers are then made in its scope, and under
+    MultiWorkerMirroredStrategy restransfer's own loop replaces ``fit``. ``train_ds`` is
+    then this worker's shard.
     """
+    import contextlib
+
+    from restransfer import distribute
+
+    multi_worker = distribute.is_multi_worker(strategy) if strategy is not None else False
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
     history = TrainingHistory()
     start_phase, resume_epoch, resumed_logs = 0, None, {}
     if resume_state:
@@ -400,11 +424,15 @@ def run_phases(
                 model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
             )
         fit_model = _head_model(model) if cached else model
+        smoothing = phase.label_smoothing if not multi_label else 0.0
         if not resuming:
-            compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
-                          phase.label_smoothing if not multi_label else 0.0, focal_gamma)
+            with scope():
+                compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+                              smoothing, focal_gamma)
         guard = StopOnNonFiniteLoss()
         phase_callbacks = list(callbacks or []) + [guard]
+        if strategy is not None and not multi_worker:
+            phase_callbacks.append(distribute.AverageBatchNormStatistics(model, strategy))
         saver = None
         if checkpointer is not None:
             saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases, model)
@@ -431,17 +459,26 @@ def run_phases(
             phase_val = val_ds
         if verbose and cached:
             print(f"  training the head on cached backbone features ({feature_cache.views} view(s))")
-        result = fit_model.fit(
-            phase_train,
-            validation_data=phase_val,
-            steps_per_epoch=steps_per_epoch if endless else None,
-            epochs=phase_start + phase.epochs,
-            initial_epoch=epoch,
-            callbacks=phase_callbacks,
-            class_weight=class_weight,
-            shuffle=False,  # pipelines shuffle themselves, seeded
-            verbose=verbose,
-        )
+        if multi_worker:
+            loss, metrics = loss_and_metrics(multi_label, smoothing, focal_gamma)
+            result = distribute.fit_multi_worker(
+                strategy, fit_model, phase_train, loss=loss, metrics=metrics,
+                validation_data=phase_val, val_metrics=loss_and_metrics(multi_label)[1],
+                epochs=phase_start + phase.epochs, initial_epoch=epoch,
+                steps_per_epoch=steps_per_epoch, callbacks=phase_callbacks,
+                class_weight=class_weight, verbose=verbose)
+        else:
+            result = fit_model.fit(
+                phase_train,
+                validation_data=phase_val,
+                steps_per_epoch=steps_per_epoch if endless else None,
+                epochs=phase_start + phase.epochs,
+                initial_epoch=epoch,
+                callbacks=phase_callbacks,
+                class_weight=class_weight,
+                shuffle=False,  # pipelines shuffle themselves, seeded
+                verbose=verbose,
+            )
         if guard.where is not None:
             raise NonFiniteLoss(
                 f"phase {index + 1} ({phase.trainable}): the loss became NaN/Inf at epoch "
