@@ -100,7 +100,7 @@ def default_phases(epochs: int = 3) -> list[Phase]:
     return preset("two_phase", epochs=2 * epochs)
 
 
-def preset(name: str, epochs: int = 6, lr: float = 1e-3) -> list[Phase]:
+def preset(name: str, epochs: int = 6, lr: float = 1e-3, lr_mult: float = 0.4) -> list[Phase]:
     """Named fine-tuning plans over a total budget of ``epochs``.
 
     * ``head_only``: linear probe, backbone frozen throughout.
@@ -122,11 +122,11 @@ def preset(name: str, epochs: int = 6, lr: float = 1e-3) -> list[Phase]:
     if name == "two_phase":
         first = max(1, epochs // 4)
         return [Phase("head", epochs=first, lr=lr * 2, schedule="one_cycle"),
-                Phase("all", epochs=epochs - first, lr=lr, schedule="one_cycle", lr_mult=0.4)]
+                Phase("all", epochs=epochs - first, lr=lr, schedule="one_cycle", lr_mult=lr_mult)]
     if name == "gradual":
         tops = ["head", "stage4", "stage3+", "stage2+", "all"]
         count = min(len(tops), epochs)
         per_phase = [epochs // count + (1 if i < epochs % count else 0) for i in range(count)]
         return [Phase(tops[i], epochs=per_phase[i], lr=lr if i == 0 else lr / 2,
-                      schedule="one_cycle", lr_mult=0.4) for i in range(count)]
+                      schedule="one_cycle", lr_mult=lr_mult) for i in range(count)]
     raise ValueError(unknown_name("fine-tuning preset", name, PRESETS))

@@ -104,6 +104,7 @@ def test_presets():
     guide = preset("keras_guide", epochs=4)
     assert [(p.trainable, p.epochs, p.lr) for p in guide] == [("head", 2, 1e-3), ("all", 2, 1e-5)]
     assert sum(p.epochs for p in preset("two_phase", epochs=8)) == 8
+    assert [p.lr_mult for p in preset("two_phase", epochs=8, lr_mult=0.6)] == [1.0, 0.6]
     with pytest.raises(ValueError, match="unknown fine-tuning preset"):
         preset("fastest")
 
