@@ -294,6 +294,7 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
+    optimizer.finalize_variable_values(model.trainable_weights)  # EMA weights swapped in, as fit does
     callback_list.on_train_end(logs)
     return next(c for c in callback_list.callbacks if isinstance(c, keras.callbacks.History))
 
