@@ -37,8 +37,10 @@ METHODS = {
 }
 STANDARD = list(METHODS)  # the comparison the issue asks for; the rest on request (--methods)
 # Candidates for the default: "two_phase lr=0.002 lr_mult=0.6" etc. (preset, then its arguments)
-for _name in ("two_phase lr=0.002 lr_mult=0.6", "two_phase lr=0.002 lr_mult=0.8", "gradual lr=0.002 lr_mult=0.6"):
+for _name in ("two_phase lr=0.002 lr_mult=0.6", "two_phase lr=0.002 lr_mult=0.8", "gradual lr=0.002 lr_mult=0.6",
+              "two_phase lr=0.0005", "two_phase lr=0.0005 lr_mult=0.2"):
     METHODS[_name] = dict(weights=WEIGHTS, plan=_name)
+METHODS["two_phase, head for half the budget"] = dict(weights=WEIGHTS, plan="long_head")
 
 
 def phases_for(plan: str, epochs: int):
@@ -48,6 +50,9 @@ def phases_for(plan: str, epochs: int):
         return [Phase("all", epochs=epochs, lr=2e-3, schedule="one_cycle")]
     if plan == "default":
         return default_phases(epochs=epochs // 2) if epochs % 2 == 0 else preset("two_phase", epochs)
+    if plan == "long_head":  # candidate: the head for half the budget, then everything
+        return [Phase("head", epochs=epochs // 2, lr=2e-3, schedule="one_cycle"),
+                Phase("all", epochs=epochs - epochs // 2, lr=1e-3, schedule="one_cycle", lr_mult=0.4)]
     if plan == "default_train_bn":
         return [p.model_copy(update={"train_bn": True}) for p in preset("two_phase", epochs)]
     name, *arguments = plan.split()
