@@ -83,6 +83,13 @@ def get_strategy(name: str = "auto"):
     return _STRATEGIES[name]
 
 
+def scope(strategy):
+    """The strategy's scope, or a no-op context for a single device (None)."""
+    import contextlib
+
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def is_multi_worker(strategy) -> bool:
     import tensorflow as tf
 
@@ -302,9 +309,7 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
 def copy_model(model, strategy=None):
     """The model rebuilt with the same weights, under ``strategy`` or (None) on one device:
     after distributed training, evaluation, prediction, saving and export use the latter."""
-    import contextlib
-
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+    with scope(strategy):
         copy = keras.Model.from_config(model.get_config())
         copy.set_weights(model.get_weights())
     return copy

@@ -222,15 +222,12 @@ class ClassificationRecipe:
         ``resume=True`` continues from there (same data order and augmentation as an
         uninterrupted run; bit-identical with ``deterministic=True``).
         """
-        import contextlib
-
         from restransfer import distribute
         from restransfer.training import Checkpointer
 
         # First: MultiWorkerMirroredStrategy must exist before other TensorFlow work runs.
         strategy = distribute.get_strategy(self.distribute)
         self.worker = distribute.worker(strategy)
-        scope = strategy.scope if strategy is not None else contextlib.nullcontext
         keras.utils.set_random_seed(self.seed)
         if self.deterministic:
             import tensorflow as tf
@@ -250,7 +247,7 @@ class ClassificationRecipe:
                   f"{self.worker.replicas if self.lr_scaling == 'linear' else 1}")
         state = None
         if resume and checkpointer is not None:
-            with scope():
+            with distribute.scope(strategy):
                 model, state = checkpointer.load()
             if model is not None:
                 configure_precision(self.precision)
@@ -258,7 +255,7 @@ class ClassificationRecipe:
                 print(f"resuming from {checkpointer.model_path}: phase {state['phase'] + 1}, "
                       f"{state['epoch']} epoch(s) done")
         if self.model is None:
-            with scope():
+            with distribute.scope(strategy):
                 self.build()
         elif strategy is not None and state is None:  # a model built before: its variables into the scope
             self.model = distribute.copy_model(self.model, strategy)

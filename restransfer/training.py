@@ -383,12 +383,9 @@ def run_phases(
     MultiWorkerMirroredStrategy restransfer's own loop replaces ``fit``. ``train_ds`` is
     then this worker's shard.
     """
-    import contextlib
-
     from restransfer import distribute
 
-    multi_worker = distribute.is_multi_worker(strategy) if strategy is not None else False
-    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    multi_worker = distribute.is_multi_worker(strategy)
     history = TrainingHistory()
     start_phase, resume_epoch, resumed_logs = 0, None, {}
     if resume_state:
@@ -426,7 +423,7 @@ def run_phases(
         fit_model = _head_model(model) if cached else model
         smoothing = phase.label_smoothing if not multi_label else 0.0
         if not resuming:
-            with scope():
+            with distribute.scope(strategy):
                 compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
                               smoothing, focal_gamma)
         guard = StopOnNonFiniteLoss()
