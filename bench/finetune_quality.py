@@ -44,7 +44,7 @@ METHODS["two_phase, head for half the budget"] = dict(weights=WEIGHTS, plan="lon
 
 
 def phases_for(plan: str, epochs: int):
-    from restransfer.phases import Phase, default_phases, preset
+    from restransfer.training.phases import Phase, default_phases, preset
 
     if plan == "scratch":
         return [Phase("all", epochs=epochs, lr=2e-3, schedule="one_cycle")]

@@ -85,7 +85,7 @@ def plain_keras(folder: Path, frozen: bool, epochs: int) -> list[float]:
 def restransfer_run(folder: Path, frozen: bool, epochs: int, cache: bool, augmentation: str,
                     precision: str = "float32", backbone: str = "resnet50", size: int = 224) -> list[float]:
     import restransfer as rt
-    from restransfer.phases import Phase
+    from restransfer.training.phases import Phase
 
     recipe = rt.ClassificationRecipe(
         backbone=backbone, weights=None, image_size=size, batch_size=32, augmentation=augmentation,

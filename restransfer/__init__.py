@@ -1,5 +1,11 @@
 """restransfer: transfer learning with ResNets on Keras 3 / TensorFlow.
 
+Packages, lowest layer first (each imports only from those before it):
+``data`` (files -> pixels -> batches), ``models`` (backbones, weights, stages, heads),
+``training`` (phases, optimizers, the loop, checkpoints, distribution), ``evaluation``
+(metrics, report, Grad-CAM), ``serving`` (SavedModel export), ``tasks`` (the recipes), and
+``cli`` (the command, recipe files, run directories).
+
 Heavy modules (TensorFlow, Keras) load on first use of an attribute, so that
 ``restransfer --help`` and recipe validation stay fast.
 """
@@ -11,25 +17,22 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "list_backbones": "restransfer.registry",
-    "build_backbone": "restransfer.backbones",
-    "describe_backbones": "restransfer.registry",
-    "ClassificationRecipe": "restransfer.recipes",
-    "MedicalImagingRecipe": "restransfer.medical_recipe",
-    "Phase": "restransfer.phases",
-    "preset": "restransfer.phases",
-    "freeze": "restransfer.stages",
-    "unfreeze": "restransfer.stages",
-    "stage_layers": "restransfer.stages",
-    "STAGES": "restransfer.stages",
-    "export_saved_model": "restransfer.export",
-    "load_recipe": "restransfer.config",
-    "find_lr": "restransfer.lr_finder",
+    "list_backbones": "restransfer.models.registry",
+    "describe_backbones": "restransfer.models.presets",
+    "build_backbone": "restransfer.models.backbones",
+    "freeze": "restransfer.models.stages",
+    "unfreeze": "restransfer.models.stages",
+    "stage_layers": "restransfer.models.stages",
+    "STAGES": "restransfer.models.registry",
+    "Phase": "restransfer.training.phases",
+    "preset": "restransfer.training.phases",
+    "find_lr": "restransfer.training.lr_finder",
+    "ClassificationRecipe": "restransfer.tasks.classification",
+    "MedicalImagingRecipe": "restransfer.tasks.medical",
+    "export_saved_model": "restransfer.serving.export",
+    "load_recipe": "restransfer.cli.config",
 }
-_SUBMODULES = ("registry", "data", "augmentation", "backbones", "weights", "stages", "heads", "training", "phases",
-               "recipes", "export", "preprocessing", "config", "runs", "caching", "lr_finder", "report",
-               "cli", "medical", "medical_recipe", "metrics", "gradcam")
-
+_SUBMODULES = ("data", "models", "training", "tasks", "evaluation", "serving", "cli", "devices")
 __all__ = sorted(_LAZY) + ["__version__"]
 
 

@@ -21,10 +21,6 @@ def require_shared(path: Path) -> Path:
     return path
 
 
-def require_torch():
-    return pytest.importorskip("torch", reason="reading .pth files needs PyTorch ('restransfer[torch]')")
-
-
 def write_image(path: Path, array: np.ndarray, **save_args) -> Path:
     from PIL import Image
 

@@ -1,0 +1,325 @@
+"""Running a recipe file: one run directory holding everything the run produced.
+
+    <output_dir>/<name>/
+      recipe.resolved.yaml   the recipe after extends/--set, paths absolute
+      split.csv              which file went to which split (file-based data)
+      metrics.csv            per-epoch metrics of every phase (Keras CSVLogger)
+      logs/                  TensorBoard
+      model.keras            the final model
+      metrics.json           validation/test metrics (cross-validation: per fold, mean, sd)
+      report.html            curves, confusion matrix, ROC, calibration, worst mistakes
+      export/<model>/<n>/    SavedModel for TensorFlow Serving (if export.enabled)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from restransfer import data as data_lib
+from pydantic import BaseModel
+
+from restransfer.cli.config import RecipeConfig, dump_recipe, load_recipe
+
+
+class RunDirectoryExists(FileExistsError):
+    pass
+
+
+class RunLocked(RuntimeError):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``.lock``, holding the owner's PID).
+
+    ``flock`` is released by the kernel when the owner dies, even by ``kill -9``, so a
+    crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise RunLocked(f"run directory {self.path.parent} is in use by another run (PID {holder})") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def check_free_space(run_dir: Path, config: RecipeConfig) -> None:
+    """Fails before training when checkpoints cannot fit: weights + two Adam moments, twice
+    (the new checkpoint is written beside the old one), plus 100 MB for the rest."""
+    from restransfer.models.registry import get_spec
+
+    needed = get_spec(config.backbone.name).params * 4 * 3 * 2 + 100 * 2**20
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise OSError(f"only {free / 2**20:.0f} MB free in {run_dir}; checkpoints of "
+                      f"{config.backbone.name} need about {needed / 2**20:.0f} MB")
+
+
+def recipe_arguments(config: RecipeConfig, recipe_class) -> dict:
+    """The recipe constructor's arguments, derived from the schema: a field becomes the
+    argument of the same name, or the one its ``recipe_arg`` metadata names; fields with no
+    such argument are run-level (data sources, export, ...). The ``medical`` section counts
+    only for ``task: medical``."""
+    import inspect
+
+    accepted = set()
+    for cls in recipe_class.__mro__:
+        if "__init__" in vars(cls):
+            accepted |= set(inspect.signature(cls.__init__).parameters)
+    arguments = {}
+
+    def collect(section):
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            extra = field.json_schema_extra or {}
+            argument = extra.get("recipe_arg", name)
+            if argument in accepted and not isinstance(value, BaseModel):
+                arguments[argument] = value
+
+    collect(config)
+    for name in type(config).model_fields:
+        section = getattr(config, name)
+        if isinstance(section, BaseModel) and (name != "medical" or config.task == "medical"):
+            collect(section)
+    return arguments
+
+
+def recipe_class(task: str):
+    from restransfer.tasks.classification import ClassificationRecipe
+    from restransfer.tasks.medical import MedicalImagingRecipe
+
+    return MedicalImagingRecipe if task == "medical" else ClassificationRecipe
+
+
+def recipe_from_config(config: RecipeConfig, class_names=None):
+    """The Python equivalent of a recipe file (the same model for the same seed)."""
+    cls = recipe_class(config.task)
+    return cls(**recipe_arguments(config, cls), class_names=class_names,
+               multi_label=config.task == "multilabel", phases=config.phases())
+
+
+def load_splits(config: RecipeConfig, recipe=None) -> data_lib.Splits:
+    """The recipe file's train / validation / test parts (see :func:`restransfer.data.resolve_splits`);
+    read with the recipe's own options (channels, bad-image policy, medical decoding)."""
+    recipe = recipe or recipe_from_config(config)
+    return data_lib.resolve_splits(
+        config.data.source, config.data.validation, config.data.test,
+        val_fraction=0 if config.data.cv_folds else config.data.val_fraction, seed=config.seed,
+        csv=config.data.csv.model_dump(), **recipe._read_options())
+
+
+def prepare_run_dir(config: RecipeConfig, overwrite: bool, resume: bool) -> Path:
+    run_dir = Path(config.output_dir) / config.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirectoryExists(f"run directory {run_dir} exists; pass --overwrite to replace it "
+                                     "or --resume to continue it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise PermissionError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def _callbacks(run_dir: Path, tag: str = ""):
+    import keras
+
+    return [keras.callbacks.CSVLogger(str(run_dir / f"metrics{tag}.csv"), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / (tag.strip("_") or "train")),
+                                        write_graph=False, profile_batch=0)]
+
+
+def _predictions(recipe, data):
+    """Probabilities and the (resized) images of ``data``, in order, for the report."""
+    pipeline = recipe._pipeline(data, training=False)
+    images, probabilities = [], []
+    for batch_images, _ in pipeline:
+        probabilities.append(recipe.model.predict_on_batch(batch_images))
+        images.extend(batch_images.numpy()[: max(0, 400 - len(images))])  # a grid needs few
+    return np.concatenate(probabilities), np.asarray(images)
+
+
+def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str,
+                         extra_images=()):
+    from restransfer.evaluation.report import write_report
+
+    metrics = {}
+    for name, part in (("val", val), ("test", test)):
+        if part is not None:
+            metrics.update({f"{name}_{k}": v for k, v in recipe.evaluate(part).items()})
+    if val is not None:
+        probabilities, images = _predictions(recipe, val)
+        grid_images = images if len(images) == len(val) else None
+        notes = [f"backbone {config.backbone.name}, weights {config.backbone.weights}",
+                 f"{len(recipe.skipped)} unusable file(s) skipped"]
+        write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, val.labels,
+                     probabilities, grid_images, multi_label=recipe.multi_label, metrics=metrics,
+                     notes=notes, extra_images=extra_images)
+    return metrics
+
+
+def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="auto") -> Path:
+    """Trains a recipe file end to end; returns the run directory.
+
+    With ``resume`` it continues an interrupted run in place: finished steps are skipped,
+    training restarts from the last complete epoch.
+    """
+    config, resolved = load_recipe(recipe_path, overrides)
+    from restransfer.training import distribute
+
+    # first TensorFlow work of the process: a multi-worker strategy must come before any other
+    strategy = distribute.get_strategy(config.training.distribute)
+    run_dir = Path(config.output_dir) / config.name
+    if not distribute.worker(strategy).is_chief:
+        # another worker of a multi-worker run: trains its share, resumes from the chief's
+        # checkpoints (on a file system the workers share), writes nothing
+        if not (resume and (run_dir / "model.keras").is_file()):  # the chief decides the same way
+            recipe = recipe_from_config(config)
+            _fit(recipe, load_splits(config, recipe), run_dir, resume, verbose, callbacks=())
+            print(f"worker {recipe.worker.index} of {recipe.worker.count} done; the chief writes {run_dir}")
+        return run_dir
+    run_dir = prepare_run_dir(config, overwrite, resume)
+    with RunLock(run_dir):
+        check_free_space(run_dir, config)
+        recipe_file = run_dir / "recipe.resolved.yaml"
+        if resume and recipe_file.exists() and recipe_file.read_text() != dump_recipe(resolved):
+            raise ValueError(f"the recipe differs from the one {run_dir} was started with "
+                             f"({recipe_file}); resume with the same recipe and --set options")
+        recipe_file.write_text(dump_recipe(resolved))
+        recipe = recipe_from_config(config)
+        splits = load_splits(config, recipe)
+        if config.data.cv_folds:
+            return _cross_validate(config, splits.train, run_dir, verbose)
+        _train_single(config, recipe, splits, run_dir, resume, verbose)
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _fit(recipe, splits: data_lib.Splits, run_dir: Path, resume: bool, verbose, callbacks) -> None:
+    recipe.fit(splits.train, validation_data=splits.val, callbacks=list(callbacks), verbose=verbose,
+               checkpoint_dir=run_dir / "checkpoints", resume=resume)
+
+
+def _train_single(config, recipe, splits: data_lib.Splits, run_dir: Path, resume: bool, verbose) -> None:
+    val, test = splits.val, splits.test
+    if all(part.paths for _, part in splits.items()):
+        data_lib.write_split(run_dir / "split.csv", dict(splits.items()))
+    model_path = run_dir / "model.keras"
+    if resume and model_path.is_file():  # training had finished; only the rest is redone
+        recipe = type(recipe).load(model_path, **recipe_arguments(config, type(recipe)))
+        recipe.history = _saved_history(run_dir)
+    else:
+        _fit(recipe, splits, run_dir, resume, verbose, callbacks=_callbacks(run_dir))
+        recipe.save(model_path)
+    clinical = (_clinical(recipe, config, val, test if test is not None else val, run_dir)
+                if config.task == "medical" else None)
+    metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}",
+                                   extra_images=sorted((run_dir / "gradcam").glob("*.png")))
+    if clinical is not None:
+        metrics["clinical"] = clinical
+    metrics["skipped_files"] = [{"path": s.path, "reason": s.reason} for s in recipe.skipped]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if config.export.enabled:
+        model_dir = run_dir / "export" / (config.export.model_name or config.name)
+        for stale in model_dir.glob(".partial-*"):  # an export killed mid-way (run dir is locked)
+            shutil.rmtree(stale)
+        if not any(p.name.isdigit() for p in model_dir.glob("*")):
+            recipe.export(run_dir / "export", model_name=model_dir.name, top_k=config.export.top_k,
+                          warmup_images=val or splits.train)
+
+
+def _clinical(recipe, config, val, test, out_dir: Path) -> dict:
+    """Threshold (and temperature) chosen on ``val``, then applied unchanged to ``test``;
+    Grad-CAM overlays of the first test images."""
+    if val is not None:
+        recipe.calibrate(val)
+    report = recipe.evaluate_clinical(test)
+    if config.medical.gradcam_images:
+        recipe.grad_cam_overlays(test, out_dir / "gradcam", count=config.medical.gradcam_images)
+    return report
+
+
+def _saved_history(run_dir: Path):
+    from restransfer.training.phases import Phase
+    from restransfer.training.loop import TrainingHistory
+
+    state_file = run_dir / "checkpoints" / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())["history"]
+    return TrainingHistory(saved["history"], saved["phase_starts"], [Phase(**p) for p in saved["phases"]])
+
+
+def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) -> Path:
+    """Stratified (group-aware) k-fold: a fresh model per fold, metrics per fold + mean/sd."""
+    from sklearn.metrics import roc_auc_score
+
+    folds = []
+    for index, (train_part, val_part) in enumerate(data_lib.kfold(everything, config.data.cv_folds, config.seed)):
+        print(f"fold {index + 1}/{config.data.cv_folds}: {len(train_part)} train, {len(val_part)} val")
+        fold_dir = run_dir / f"fold{index + 1}"
+        fold_dir.mkdir(exist_ok=True)
+        if train_part.paths:
+            data_lib.write_split(fold_dir / "split.csv", {"train": train_part, "val": val_part})
+        import keras
+
+        keras.backend.clear_session()
+        recipe = recipe_from_config(config, class_names=everything.class_names)
+        if config.task == "medical":
+            # the held-out fold is the test set; a slice of the training part chooses the
+            # threshold (and drives early stopping), so nothing is tuned on the test fold
+            fit_part, threshold_part = data_lib.stratified_split(
+                train_part, config.medical.threshold_val_fraction, config.seed)
+        else:
+            fit_part, threshold_part = train_part, val_part
+        recipe.fit(fit_part, validation_data=threshold_part,
+                   callbacks=_callbacks(run_dir, f"_fold{index + 1}"), verbose=verbose)
+        recipe.save(fold_dir / "model.keras")
+        clinical = _clinical(recipe, config, threshold_part, val_part, fold_dir) if config.task == "medical" else None
+        metrics = _evaluate_and_report(recipe, fold_dir, config, val_part, None,
+                                       f"{config.name}: fold {index + 1}/{config.data.cv_folds}",
+                                       extra_images=sorted((fold_dir / "gradcam").glob("*.png")))
+        if clinical is not None:
+            binary = clinical.get("binary", {})
+            metrics.update({f"test_{k}": binary[k] for k in ("auc", "sensitivity", "specificity", "accuracy")
+                            if k in binary})
+            (fold_dir / "clinical.json").write_text(json.dumps(clinical, indent=2))
+        elif len(everything.class_names) == 2:
+            probabilities = recipe.predict_dataset(val_part)
+            metrics["val_auc"] = float(roc_auc_score(val_part.labels, probabilities[:, 1]))
+        folds.append(metrics)
+    keys = sorted(set.intersection(*(set(f) for f in folds)))
+    summary = {k: {"mean": statistics.mean(f[k] for f in folds), "sd": statistics.stdev(f[k] for f in folds)}
+               for k in keys}
+    (run_dir / "metrics.json").write_text(json.dumps({"folds": folds, "summary": summary}, indent=2))
+    for key, value in summary.items():
+        print(f"{key}: {value['mean']:.4f} ± {value['sd']:.4f}")
+    print(f"run directory: {run_dir}")
+    return run_dir

@@ -1,0 +1,459 @@
+"""Image sources: folders, CSV files, arrays, ``.npz``, TFDS, scikit-learn's digits.
+
+A source returns :class:`ImageData`: labels, class names, the files that were skipped and
+why, and ``.dataset`` -- a tf.data pipeline of ``(image uint8 HxWxC, label)`` that
+:func:`restransfer.data.pipeline.make_pipeline` turns into batches. Files are checked once,
+when the source is made, so training never stops mid-epoch on a bad file. Images stream from
+disk; nothing stacks a whole folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from restransfer.data.decoding import IMAGE_EXTENSIONS, check_image, load_image
+from restransfer.data.splits import SPLIT_DIR_NAMES, find_split_dir
+
+log = logging.getLogger("restransfer.data")
+
+
+class BadImagesError(ValueError):
+    """Raised under ``policy="strict"``; lists every file that could not be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ImageData:
+    """Labelled images from one source.
+
+    Exactly one of ``paths`` (decoded lazily from disk), ``images`` (in memory) or
+    ``encoded`` (a tf.data pipeline of encoded image bytes, e.g. from TFDS) is set.
+    ``labels`` holds class indices, or 0/1 rows for multi-label data; ``groups`` an optional
+    group id per image (a patient, say) that splits never divide.
+    ``keep_precision`` decodes 16-bit files to float32 (0-255 scale, full precision).
+    """
+
+    labels: np.ndarray
+    class_names: list[str]
+    paths: list[str] | None = None
+    images: np.ndarray | None = None
+    encoded: object = None
+    skipped: list[SkippedFile] = dataclasses.field(default_factory=list)
+    multi_label: bool = False
+    channels: int = 3
+    groups: np.ndarray | None = None
+    keep_precision: bool = False
+    decode_options: dict = dataclasses.field(default_factory=dict)  # DICOM/NIfTI: window, normalize, axis
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices) -> "ImageData":
+        indices = np.asarray(indices, dtype=int)
+        if self.encoded is not None:
+            raise ValueError("a TFDS source is split with TFDS split strings (train[:80%])")
+        return dataclasses.replace(
+            self,
+            labels=self.labels[indices],
+            paths=[self.paths[i] for i in indices] if self.paths is not None else None,
+            images=self.images[indices] if self.images is not None else None,
+            groups=self.groups[indices] if self.groups is not None else None,
+            skipped=[],
+        )
+
+    def first_images(self, count: int) -> list[np.ndarray]:
+        """The first ``count`` images, decoded as training decodes them (warm-up requests)."""
+        if self.images is not None:
+            return list(self.images[:count])
+        if self.paths is not None:
+            return [load_image(p, self.channels, **self.decode_options) for p in self.paths[:count]]
+        return [image.numpy() for image, _ in self.dataset.take(count)]
+
+    @property
+    def random_access(self) -> bool:
+        """True when any image can be fetched by index (files, arrays; not TFDS streams)."""
+        return self.encoded is None
+
+    def fetcher(self):
+        """A TF function: index -> (image, label), for files and in-memory arrays."""
+        import tensorflow as tf
+
+        labels = tf.constant(self.labels)
+        if self.images is not None:
+            images = tf.constant(self.images)
+            return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+        channels, keep, options = self.channels, self.keep_precision, dict(self.decode_options)
+        dtype = tf.float32 if keep else tf.uint8
+        paths = tf.constant(self.paths)
+
+        def fetch(i):
+            image = tf.numpy_function(lambda p: load_image(p.decode(), channels, keep, **options),
+                                      [tf.gather(paths, i)], dtype, stateful=False)
+            return tf.ensure_shape(image, [None, None, channels]), tf.gather(labels, i)
+
+        return fetch
+
+    @property
+    def dataset(self):
+        """Unbatched tf.data pipeline of (image uint8 HxWxC, label), in order."""
+        import tensorflow as tf
+
+        if self.encoded is not None:
+            channels = self.channels
+
+            def decode_bytes(encoded):
+                image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+                return tf.ensure_shape(image, [None, None, channels])
+
+            images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
+            return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(self.labels))
+        return tf.data.Dataset.range(len(self)).map(
+            self.fetcher(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def check_files(paths: list[str], progress: bool = True, decode_options=None) -> dict[str, str]:
+    """Decodes every file once (two threads); returns {path: reason} for the bad ones."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    check = functools.partial(check_image, **(decode_options or {}))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        reasons = list(
+            tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
+                 unit="img", disable=not progress or len(paths) < 50, leave=False)
+        )
+    return {path: reason for path, reason in zip(paths, reasons) if reason}
+
+
+def apply_policy(bad: dict[str, str], policy: str, source: str) -> list[SkippedFile]:
+    if policy not in ("skip", "strict"):
+        raise ValueError(f"bad-image policy must be 'skip' or 'strict', got {policy!r}")
+    skipped = [SkippedFile(path, reason) for path, reason in sorted(bad.items())]
+    if skipped and policy == "strict":
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        raise BadImagesError(f"{len(skipped)} unusable image(s) in {source}:\n{listing}")
+    for item in skipped:
+        log.warning("skipping %s: %s", item.path, item.reason)
+    if skipped:
+        log.warning("%d file(s) skipped in %s", len(skipped), source)
+    return skipped
+
+
+def image_folder(
+    path: str | os.PathLike,
+    split: str | None = None,
+    class_names: list[str] | None = None,
+    policy: str = "skip",
+    channels: int = 3,
+    progress: bool = True,
+    keep_precision: bool = False,
+    decode_options: dict | None = None,
+) -> ImageData:
+    """Images in class sub-folders: ``path/<class>/*.jpg``, or ``path/<split>/<class>/``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"`` to read that sub-folder of ``path``.
+        class_names: fix the class order (e.g. the training split's) instead of sorting.
+        policy: ``"skip"`` bad files with a warning each and a count, or ``"strict"``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if split is not None:
+        split_dir = find_split_dir(root, split)
+        if split_dir is None:
+            raise FileNotFoundError(f"{root} has no {split!r} sub-folder ({'/'.join(SPLIT_DIR_NAMES[split])})")
+        root = split_dir
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    names = list(class_names) if class_names else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise ValueError(f"{root}: folders {unknown} are not among the classes {names}")
+    paths, labels, ignored = [], [], 0
+    for index, name in enumerate(names):
+        class_dir = root / name
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file()) if class_dir.is_dir() else []
+        images = [p for p in files if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith(".")]
+        ignored += len(files) - len(images)
+        paths += [str(p) for p in images]
+        labels += [index] * len(images)
+    if ignored:
+        log.info("%s: ignored %d file(s) without an image extension", root, ignored)
+    bad = check_files(paths, progress=progress, decode_options=decode_options)
+    skipped = apply_policy(bad, policy, str(root))
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    counts = np.bincount(np.asarray(labels, dtype=int)[keep], minlength=len(names))
+    empty = [names[i] for i, count in enumerate(counts) if count == 0 and not class_names]
+    if empty:
+        raise ValueError(f"{root}: class folder(s) with no usable images: {empty}")
+    return ImageData(
+        labels=np.asarray(labels, dtype=np.int32)[keep],
+        class_names=names,
+        paths=[paths[i] for i in keep],
+        skipped=skipped,
+        channels=channels,
+        keep_precision=keep_precision,
+        decode_options=dict(decode_options or {}),
+    )
+
+
+def from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str] | None = None,
+    multi_label: bool | None = None,
+) -> ImageData:
+    """In-memory images (N, H, W[, C], 0-255) with class indices or multi-hot rows."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, H, W[, C]), got {images.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if multi_label is None:
+        multi_label = labels.ndim == 2 and labels.shape[1] > 1
+    if multi_label:
+        num_classes = labels.shape[1]
+        labels = labels.astype(np.float32)
+    else:
+        labels = labels.reshape(-1).astype(np.int32)
+        num_classes = int(labels.max()) + 1 if class_names is None else len(class_names)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 255:
+            raise ValueError("images must hold raw pixel values in 0..255")
+        images = np.round(images).astype(np.uint8)
+    return ImageData(
+        labels=labels,
+        class_names=list(class_names) if class_names else [str(i) for i in range(num_classes)],
+        images=images,
+        multi_label=bool(multi_label),
+        channels=images.shape[-1],
+    )
+
+
+def _resolve_under(root: Path, relative: str, allow_outside_root: bool, where: str) -> str:
+    path = (root / relative).resolve()
+    if not allow_outside_root and not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: path {relative!r} escapes the data root {root} "
+                         "(pass allow_outside_root=True to permit it)")
+    return str(path)
+
+
+def from_csv(
+    table,
+    path_column: str = "path",
+    label_column: str | None = "label",
+    label_columns: list[str] | None = None,
+    separator: str | None = None,
+    group_column: str | None = None,
+    root: str | os.PathLike | None = None,
+    class_names: list[str] | None = None,
+    policy: str = "skip",
+    channels: int = 3,
+    allow_outside_root: bool = False,
+    progress: bool = True,
+    keep_precision: bool = False,
+    decode_options: dict | None = None,
+) -> ImageData:
+    """Images listed in a CSV file or a pandas DataFrame.
+
+    Single-label: ``label_column`` holds a class name per row. Multi-label: either
+    ``label_columns`` (one 0/1 column per class) or ``separator`` (``"Effusion|Mass"`` in
+    ``label_column``). Paths are relative to ``root`` (default: the CSV's folder) and may not
+    escape it unless ``allow_outside_root``. ``group_column`` (e.g. a patient id) is kept
+    for grouped splits.
+    """
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        frame, where = table, "DataFrame"
+        root = Path(root) if root is not None else Path.cwd()
+    else:
+        frame, where = pd.read_csv(table), str(table)
+        root = Path(root) if root is not None else Path(table).resolve().parent
+    needed = [path_column] + (label_columns or [label_column]) + ([group_column] if group_column else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    paths = [_resolve_under(root, str(p), allow_outside_root, f"{where} row {i + 2}")
+             for i, p in enumerate(frame[path_column])]
+    multi_label = bool(label_columns) or separator is not None
+    if label_columns:
+        names = list(label_columns)
+        labels = frame[label_columns].to_numpy(dtype=np.float32)
+        bad_rows = np.flatnonzero(~np.isin(labels, (0.0, 1.0)).all(axis=1))
+        if len(bad_rows):
+            raise ValueError(f"{where} row {bad_rows[0] + 2}: label columns must hold 0 or 1")
+    else:
+        raw = frame[label_column].astype(str).str.strip()
+        rows = [[t.strip() for t in value.split(separator) if t.strip()] if separator else [value]
+                for value in raw]
+        names = list(class_names) if class_names else sorted({t for row in rows for t in row})
+        index = {name: i for i, name in enumerate(names)}
+        for i, row in enumerate(rows):
+            unknown = [t for t in row if t not in index]
+            if unknown:
+                raise ValueError(f"{where} row {i + 2}: label(s) {unknown} not among the classes {names}")
+        if multi_label:
+            labels = np.zeros((len(rows), len(names)), np.float32)
+            for i, row in enumerate(rows):
+                labels[i, [index[t] for t in row]] = 1.0
+        else:
+            labels = np.asarray([index[row[0]] for row in rows], np.int32)
+    groups = frame[group_column].astype(str).to_numpy() if group_column else None
+    bad = check_files(paths, progress=progress, decode_options=decode_options)
+    skipped = apply_policy(bad, policy, where)
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    return ImageData(labels=labels[keep], class_names=names, paths=[paths[i] for i in keep],
+                     skipped=skipped, multi_label=multi_label, channels=channels,
+                     groups=groups[keep] if groups is not None else None,
+                     keep_precision=keep_precision, decode_options=dict(decode_options or {}))
+
+
+def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) -> ImageData:
+    """Arrays in an .npz with the MedMNIST layout: ``<split>_images``, ``<split>_labels``
+    (class ids, or 0/1 rows for multi-label), and optionally ``class_names``."""
+    with np.load(path, allow_pickle=False) as archive:
+        if class_names is None and "class_names" in archive:
+            class_names = [str(name) for name in archive["class_names"]]
+        keys = (f"{split}_images", f"{split}_labels")
+        missing = [k for k in keys if k not in archive]
+        if missing:
+            raise ValueError(f"{path}: no {missing} (has {sorted(archive.files)})")
+        images, labels = archive[keys[0]], archive[keys[1]]
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    return from_arrays(images, labels, class_names=class_names)
+
+
+def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
+              image_key: str = "image", label_key: str = "label", channels: int = 3,
+              download: bool = True) -> ImageData:
+    """A TensorFlow Datasets dataset (``"tf_flowers"`` or ``"tfds:tf_flowers"``), read with
+    tensorflow-datasets' own loader from its data dir. Split strings such as ``train[:80%]``
+    work as in TFDS. A dataset not yet prepared is downloaded and prepared as ``tfds.load``
+    does (``download=False`` turns that off); where its download server cannot be reached,
+    the error comes at once instead of after TFDS' minutes of retries."""
+    import tensorflow_datasets as tfds
+
+    name = name.removeprefix("tfds:")
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+    def not_prepared(reason: str):
+        return FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {where}, and {reason}. On a "
+            f"machine with internet run `tfds build {name}` (or tfds.builder('{name}').download_and_prepare()), "
+            f"then copy its tensorflow_datasets/{name} directory into {where} (or pass data_dir= / set "
+            f"TFDS_DATA_DIR).")
+
+    def load(allow_download: bool):
+        return tfds.load(name, split=split, data_dir=data_dir, download=allow_download, with_info=True,
+                         decoders={image_key: tfds.decode.SkipDecoding()})
+
+    try:
+        try:
+            ds, info = load(False)
+        except (AssertionError, FileNotFoundError) as error:  # TFDS: "Dataset ... not found"
+            if not download:
+                raise not_prepared(f"downloading is off ({_first_line(error)})") from None
+            unreachable = _unreachable_download_host(tfds.builder(name, data_dir=data_dir))
+            if unreachable:
+                raise not_prepared(f"its download server cannot be reached ({unreachable})") from None
+            ds, info = load(True)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(f"unknown TFDS dataset {name!r}: {_first_line(error)}") from None
+    label_feature = info.features[label_key]
+    labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
+    return ImageData(labels=labels, class_names=list(label_feature.names),
+                     encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
+
+
+def _first_line(error) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _unreachable_download_host(builder, timeout: float = 5.0) -> str | None:
+    """Why the dataset's first download URL's host cannot be reached, or None. One TCP
+    connection attempt instead of TFDS' retries; datasets without registered URLs pass."""
+    import socket
+    from urllib.parse import urlparse
+
+    urls = list(getattr(builder, "url_infos", None) or {})
+    if not urls:
+        return None
+    url = urlparse(urls[0])
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as error:
+        return f"{url.hostname}: {error}"
+    return None
+
+
+def sklearn_digits() -> ImageData:
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale scans, shipped
+    inside scikit-learn, so they need no download (``"sklearn:digits"`` in recipes)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return from_arrays(images, digits.target, class_names=[str(i) for i in range(10)])
+
+
+def as_image_data(source, class_names=None, split=None, policy="skip", channels=3,
+                  decode_options=None, csv: dict | None = None, download: bool = True) -> ImageData:
+    """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`: an image
+    folder, a ``.csv`` (path,label; ``csv`` holds :func:`from_csv`'s column options), an
+    ``.npz`` (MedMNIST layout), ``"tfds:NAME[:SPLIT]"``, ``"sklearn:digits"``, or an
+    ``(images, labels)`` tuple. ``ImageData`` must already have ``class_names``' order.
+    ``download``: TFDS datasets not yet prepared are downloaded (see :func:`from_tfds`)."""
+    if isinstance(source, ImageData):
+        if class_names is not None and list(source.class_names) != list(class_names):
+            raise ValueError(f"the data's classes {source.class_names} are not the model's "
+                             f"{list(class_names)} (same names, same order)")
+        return source
+    if source == "sklearn:digits":
+        return sklearn_digits()
+    if isinstance(source, str) and source.startswith("tfds:"):
+        name, _, tfds_split = source.removeprefix("tfds:").partition(":")
+        return from_tfds(name, split=tfds_split or split or "train", channels=channels, download=download)
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".csv"):
+        return from_csv(source, class_names=class_names, policy=policy, channels=channels,
+                        decode_options=decode_options, **(csv or {}))
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npz"):
+        return from_npz(source, split={"val": "val", "test": "test"}.get(split, "train"),
+                        class_names=class_names)
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if split and find_split_dir(root, split) is None:
+            split = None
+        return image_folder(root, split=split, class_names=class_names, policy=policy,
+                            channels=channels, decode_options=decode_options)
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        return from_arrays(source[0], source[1], class_names=class_names)
+    raise TypeError(
+        "data must be an image folder path, an (images, labels) tuple, restransfer ImageData, "
+        f"or a tf.data.Dataset; got {type(source).__name__}"
+    )

@@ -1,0 +1,223 @@
+"""SavedModel export in the layout TensorFlow Serving loads as is.
+
+``OUT/<model_name>/<version>/`` holds ``saved_model.pb``, ``variables/``, ``assets/labels.txt``
+and ``assets.extra/`` (warmup requests, model card). The version directory is written under a
+hidden temporary name in the same directory, verified against the Keras model, then renamed:
+Serving only watches integer-named directories, so it never sees a partial export.
+
+Signatures (tag ``serve``):
+  * ``serving_default``: ``image_bytes`` (tf.string [N], JPEG/PNG/BMP/GIF) decoded, resized
+    and preprocessed in the graph exactly as in evaluation.
+  * ``predict_images``: ``images`` (float32 [N, H, W, C], raw 0-255 pixels).
+Outputs: ``probabilities`` [N, C], ``class_ids``/``class_names``/``scores`` [N, k] (top-k);
+multi-label models add ``predictions`` [N, C] (0/1 at the per-label thresholds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+PARITY_TOLERANCE = 1e-5
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def _serving_module(model, class_names, image_size, channels, top_k, thresholds):
+    import tensorflow as tf
+
+    from restransfer.data.decoding import resize_image
+
+    k = min(top_k, len(class_names))
+    names = tf.constant(class_names)
+    thresholds = None if thresholds is None else tf.constant(thresholds, tf.float32)
+
+    class ServingModule(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def _outputs(self, pixels):
+            probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
+            scores, ids = tf.math.top_k(probabilities, k=k)
+            outputs = {
+                "probabilities": probabilities,
+                "class_ids": ids,
+                "class_names": tf.gather(names, ids),
+                "scores": scores,
+            }
+            if thresholds is not None:
+                outputs["predictions"] = tf.cast(probabilities >= thresholds, tf.int32)
+            return outputs
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
+        def predict_images(self, images):
+            same = tf.logical_and(tf.shape(images)[1] == image_size, tf.shape(images)[2] == image_size)
+            pixels = tf.cond(same, lambda: images, lambda: resize_image(images, image_size))
+            return self._outputs(pixels)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serving_default(self, image_bytes):
+            def decode(encoded):
+                image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+                return resize_image(image, image_size)
+
+            pixels = tf.map_fn(decode, image_bytes,
+                               fn_output_signature=tf.TensorSpec([image_size, image_size, channels], tf.float32))
+            return self._outputs(pixels)
+
+    return ServingModule()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_warmup_requests(path: Path, encoded_images: list[bytes], model_name: str) -> None:
+    """assets.extra/tf_serving_warmup_requests: PredictionLog records TF Serving replays at load."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for encoded in encoded_images:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+            )
+            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([encoded], dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+
+
+def _model_card(metadata, class_names, image_size, channels, multi_label, thresholds, top_k):
+    import keras
+    import tensorflow as tf
+
+    import restransfer
+
+    return {
+        **(metadata or {}),
+        "classes": list(class_names),
+        "task": "multi-label" if multi_label else "single-label",
+        "thresholds": thresholds,
+        "input": {
+            "serving_default": "image_bytes: tf.string [N] (JPEG/PNG/BMP/GIF bytes; REST: "
+                               '{"instances": [{"b64": "..."}]})',
+            "predict_images": f"images: float32 [N, H, W, {channels}], raw 0-255 pixels, "
+                              f"resized to {image_size}x{image_size} in the graph",
+        },
+        "preprocessing": f"decode, bilinear antialiased resize to {image_size}x{image_size}, then "
+                         "the backbone's own normalisation (a layer inside the model)",
+        "outputs": ["probabilities", "class_ids", "class_names", "scores"]
+                   + (["predictions"] if thresholds is not None else []),
+        "top_k": top_k,
+        "versions": {"restransfer": restransfer.__version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
+    }
+
+
+def _markdown_card(card: dict) -> str:
+    lines = [f"# Model card: {card.get('model_name', 'model')}", ""]
+    for key, value in card.items():
+        lines.append(f"- **{key}**: {json.dumps(value) if not isinstance(value, str) else value}")
+    return "\n".join(lines) + "\n"
+
+
+def export_saved_model(
+    model,
+    out_dir: str | os.PathLike,
+    class_names: list[str],
+    image_size: int,
+    model_name: str = "restransfer",
+    version: int | None = None,
+    top_k: int = 5,
+    multi_label: bool = False,
+    thresholds: list[float] | None = None,
+    warmup_images: list[np.ndarray] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Exports ``model`` for TF Serving; returns the version directory.
+
+    ``warmup_images`` (raw uint8 HxWxC arrays, a few real images) become the warmup
+    requests and the parity check; without them a gray image is used.
+    """
+    import tensorflow as tf
+
+    started = time.time()
+    model_dir = Path(out_dir) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = int(version) if version is not None else next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; exports never overwrite a version")
+    channels = int(model.input_shape[-1])
+    if multi_label and thresholds is None:
+        thresholds = [0.5] * len(class_names)
+    if not warmup_images:
+        warmup_images = [np.full((image_size, image_size, channels), 128, np.uint8)]
+    staging = model_dir / f".partial-{version}-{uuid.uuid4().hex[:8]}"
+    try:
+        module = _serving_module(model, list(class_names), image_size, channels, top_k, thresholds)
+        tf.saved_model.save(
+            module, str(staging),
+            signatures={"serving_default": module.serving_default,
+                        "predict_images": module.predict_images},
+        )
+        (staging / "assets").mkdir(exist_ok=True)
+        (staging / "assets" / "labels.txt").write_text("\n".join(class_names) + "\n")
+        encoded = [encode_png(image) for image in warmup_images[:8]]
+        write_warmup_requests(staging / "assets.extra" / "tf_serving_warmup_requests", encoded,
+                              model_name)
+        parity = verify_export(staging, model, warmup_images[:8], image_size)
+        card = _model_card({**(metadata or {}), "model_name": model_name, "version": version},
+                           class_names, image_size, channels, multi_label, thresholds, top_k)
+        card["export_parity_max_abs_diff"] = parity
+        (staging / "assets.extra" / "model_card.json").write_text(json.dumps(card, indent=2))
+        (staging / "assets.extra" / "MODEL_CARD.md").write_text(_markdown_card(card))
+        os.rename(staging, final)  # atomic on one filesystem: the version appears complete
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"exported {final} in {time.time() - started:.1f}s (parity max|dprob| {parity:.2e})")
+    return final
+
+
+def verify_export(export_dir, model, images: list[np.ndarray], image_size: int) -> float:
+    """Loads the export and checks both signatures against the Keras model.
+
+    Returns max |dprob|; raises if it exceeds PARITY_TOLERANCE.
+    """
+    import tensorflow as tf
+
+    from restransfer.data.decoding import resize_image
+
+    loaded = tf.saved_model.load(str(export_dir))
+    pixels = np.stack([np.asarray(resize_image(image, image_size)) for image in images])
+    expected = np.asarray(model.predict(pixels, verbose=0), dtype=np.float32)
+    by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))["probabilities"]
+    encoded = tf.constant([encode_png(image) for image in images])
+    by_bytes = loaded.signatures["serving_default"](image_bytes=encoded)["probabilities"]
+    diff = float(max(np.abs(by_pixels.numpy() - expected).max(),
+                     np.abs(by_bytes.numpy() - expected).max()))
+    if not diff <= PARITY_TOLERANCE:
+        raise RuntimeError(f"exported model disagrees with the Keras model: max|dprob|={diff:.3g}")
+    return diff

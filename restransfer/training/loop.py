@@ -1,0 +1,260 @@
+"""The phase loop: each phase sets the trainable stages, compiles a fresh optimizer (so a
+change of trainable state can never meet a stale compiled step), and runs Keras ``fit`` with
+early stopping on the validation metric, checkpointing after every epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from restransfer.models import stages as stages_lib
+from restransfer.training.checkpoints import Checkpointer
+from restransfer.training.losses import apply_mixup, compile_model, loss_and_metrics, one_hot_labels
+from restransfer.training.optimizers import make_optimizer
+from restransfer.training.phases import Phase
+
+
+@dataclasses.dataclass
+class TrainingHistory:
+    """Per-epoch metrics across all phases, with where each phase started."""
+
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    phase_starts: list[int] = dataclasses.field(default_factory=list)
+    phases: list[Phase] = dataclasses.field(default_factory=list)
+
+    def add(self, phase: Phase, epoch_logs: dict[str, list[float]]) -> None:
+        epochs_so_far = self.epochs
+        self.phase_starts.append(epochs_so_far)
+        self.phases.append(phase)
+        added = len(next(iter(epoch_logs.values()), []))
+        for key, values in epoch_logs.items():
+            column = self.history.setdefault(key, [math.nan] * epochs_so_far)
+            column.extend(float(v) for v in values)
+        for column in self.history.values():  # metrics absent in this phase
+            column.extend([math.nan] * (epochs_so_far + added - len(column)))
+
+    @property
+    def epochs(self) -> int:
+        return len(next(iter(self.history.values()), []))
+
+    def to_dict(self) -> dict:
+        return {"history": self.history, "phase_starts": self.phase_starts,
+                "phases": [p.model_dump() for p in self.phases]}
+
+
+class _SaveEachEpoch(keras.callbacks.Callback):
+    def __init__(self, checkpointer, phase_index, phase_start, history, phases, full_model):
+        super().__init__()
+        self.checkpointer, self.phase_index, self.phase_start = checkpointer, phase_index, phase_start
+        self.full_model = full_model  # fit may run on a head-only model (cached features)
+        self.history, self.phases = history, phases
+        self.logs: dict[str, list[float]] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not all(np.isfinite(v) for v in logs.values() if isinstance(v, (int, float))):
+            return  # keep the last good checkpoint
+        for key, value in logs.items():
+            self.logs.setdefault(key, []).append(float(value))
+        partial = TrainingHistory({k: list(v) for k, v in self.history.history.items()},
+                                  list(self.history.phase_starts), list(self.history.phases))
+        partial.add(self.phases[self.phase_index], self.logs)
+        self.checkpointer.save(self.full_model, {
+            "phase": self.phase_index, "phase_start_epoch": self.phase_start, "epoch": epoch + 1,
+            "phase_complete": False, "history": partial.to_dict()})
+
+
+def _head_model(model):
+    """features -> head: the same head layer (shared weights) without the backbone."""
+    from restransfer.models.heads import find_head
+
+    backbone = stages_lib.find_backbone(model)
+    features = keras.Input(shape=backbone.output_shape[1:], name="features")
+    return keras.Model(features, find_head(model)(features), name="head_on_features")
+
+
+def _features_of(backbone, dataset):
+    """Runs a finite (images, labels) dataset through the frozen backbone once."""
+    import tensorflow as tf
+
+    from restransfer.training.caching import compiled_forward
+
+    extract = compiled_forward(backbone)
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(extract(images))
+        labels.append(batch_labels)
+    return tf.data.Dataset.from_tensor_slices((tf.concat(features, 0), tf.concat(labels, 0))) \
+        .batch(int(tf.shape(features[0])[0])).cache()
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss; the phase was stopped."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first non-finite batch loss and remembers where it happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = (self._epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+def run_phases(
+    model: keras.Model,
+    phases: list[Phase],
+    train_ds,
+    val_ds,
+    steps_per_epoch: int,
+    multi_label: bool,
+    num_classes: int,
+    patience: int | None = 3,
+    callbacks=None,
+    verbose="auto",
+    seed: int = 0,
+    checkpointer: Checkpointer | None = None,
+    resume_state: dict | None = None,
+    feature_cache=None,
+    class_weight: dict | None = None,
+    focal_gamma: float | None = None,
+    strategy=None,
+) -> TrainingHistory:
+    """Runs the phases; with a ``checkpointer`` saves after every epoch and phase, and with
+    ``resume_state`` (from :meth:`Checkpointer.load`, the model already loaded) continues
+    from the last complete epoch with the saved optimizer and schedule. With a
+    ``feature_cache`` (:class:`restransfer.training.caching.FeatureCache`), head-only phases train
+    the head on cached backbone features instead of running the backbone every step.
+
+    ``train_ds``: a dataset (used as given, one pass per epoch), or a function
+    ``start_epoch -> endless dataset`` (restransfer's own pipelines), run for
+    ``steps_per_epoch`` steps per epoch.
+
+    ``strategy``: a tf.distribute strategy the model was built under (see
+    :mod:`restransfer.training.distribute`); optimizers are then made in its scope, and under
+    MultiWorkerMirroredStrategy restransfer's own loop replaces ``fit``. ``train_ds`` is
+    then this worker's shard.
+    """
+    from restransfer.training import distribute
+
+    multi_worker = distribute.is_multi_worker(strategy)
+    history = TrainingHistory()
+    start_phase, resume_epoch, resumed_logs = 0, None, {}
+    if resume_state:
+        saved = resume_state["history"]
+        history = TrainingHistory(saved["history"], saved["phase_starts"],
+                                  [Phase(**p) for p in saved["phases"]])
+        start_phase = resume_state["phase"]
+        if not resume_state["phase_complete"]:
+            # mid-phase: drop the partial phase from the history, re-add it when it ends
+            resume_epoch = resume_state["epoch"]
+            history.phase_starts.pop()
+            history.phases.pop()
+            history.history = {k: v[: resume_state["phase_start_epoch"]] for k, v in history.history.items()}
+            resumed_logs = {k: v[resume_state["phase_start_epoch"]:] for k, v in saved["history"].items()}
+    endless = callable(train_ds) and not hasattr(train_ds, "element_spec")
+    train_for = train_ds if endless else (lambda start_epoch: train_ds)
+
+    def labelled(ds):
+        return ds if multi_label or ds is None else one_hot_labels(ds, num_classes)
+
+    val_ds = labelled(val_ds)
+    monitor = "val_auc" if multi_label else "val_accuracy"
+    for index in range(start_phase, len(phases)):
+        phase = phases[index]
+        if phase.epochs == 0:
+            continue
+        phase_start = history.epochs
+        resuming = index == start_phase and resume_epoch is not None
+        cached = (feature_cache is not None and phase.trainable == "head" and not phase.train_bn
+                  and not phase.mixup and not resuming)
+        if not resuming:  # a resumed phase keeps its loaded optimizer, schedule and step
+            stages_lib.set_trainable_stages(
+                model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
+            )
+        fit_model = _head_model(model) if cached else model
+        smoothing = phase.label_smoothing if not multi_label else 0.0
+        if not resuming:
+            with distribute.scope(strategy):
+                compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+                              smoothing, focal_gamma)
+        guard = StopOnNonFiniteLoss()
+        phase_callbacks = list(callbacks or []) + [guard]
+        if strategy is not None and not multi_worker:
+            phase_callbacks.append(distribute.AverageBatchNormStatistics(model, strategy))
+        saver = None
+        if checkpointer is not None:
+            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases, model)
+            if resuming:
+                saver.logs = {k: list(v) for k, v in resumed_logs.items()}
+            phase_callbacks.append(saver)
+        if patience and val_ds is not None:
+            phase_callbacks.append(
+                keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience,
+                                              restore_best_weights=True)
+            )
+        if verbose:
+            rates = phase.stage_learning_rates()
+            spread = f" stages {min(rates.values()):.2g}..{max(rates.values()):.2g}" if rates else ""
+            print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} epochs={phase.epochs} "
+                  f"lr={phase.lr:g}{spread} schedule={phase.schedule}")
+        epoch = resume_epoch if resuming else phase_start
+        if cached:
+            backbone = stages_lib.find_backbone(model)
+            phase_train = labelled(feature_cache.train_dataset(backbone, epoch))
+            phase_val = _features_of(backbone, val_ds) if val_ds is not None else None
+        else:
+            phase_train = apply_mixup(labelled(train_for(epoch)), phase.mixup, seed)
+            phase_val = val_ds
+        if verbose and cached:
+            print(f"  training the head on cached backbone features ({feature_cache.views} view(s))")
+        if multi_worker:
+            loss, metrics = loss_and_metrics(multi_label, smoothing, focal_gamma)
+            result = distribute.fit_multi_worker(
+                strategy, fit_model, phase_train, loss=loss, metrics=metrics,
+                validation_data=phase_val, val_metrics=loss_and_metrics(multi_label)[1],
+                epochs=phase_start + phase.epochs, initial_epoch=epoch,
+                steps_per_epoch=steps_per_epoch, callbacks=phase_callbacks,
+                class_weight=class_weight, verbose=verbose)
+        else:
+            result = fit_model.fit(
+                phase_train,
+                validation_data=phase_val,
+                steps_per_epoch=steps_per_epoch if endless else None,
+                epochs=phase_start + phase.epochs,
+                initial_epoch=epoch,
+                callbacks=phase_callbacks,
+                class_weight=class_weight,
+                shuffle=False,  # pipelines shuffle themselves, seeded
+                verbose=verbose,
+            )
+        if guard.where is not None:
+            raise NonFiniteLoss(
+                f"phase {index + 1} ({phase.trainable}): the loss became NaN/Inf at epoch "
+                f"{guard.where[0]}, step {guard.where[1]}. The learning rate ({phase.lr:g}) is "
+                f"the usual cause: lower it (try `restransfer lr-find`) or set gradient_clip."
+            )
+        logs = result.history
+        if resuming:
+            logs = {k: resumed_logs.get(k, []) + list(v) for k, v in result.history.items()}
+        history.add(phase, logs)
+        if cached:  # the full model's compiled state must describe the full model
+            compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
+                          focal_gamma=focal_gamma)
+        if checkpointer is not None:
+            checkpointer.save(model, {"phase": index + 1, "phase_start_epoch": history.epochs,
+                                      "epoch": history.epochs, "phase_complete": True,
+                                      "history": history.to_dict()})
+    return history

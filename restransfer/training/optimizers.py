@@ -1,0 +1,83 @@
+"""Optimizers with per-stage (discriminative) learning rates, built for a phase."""
+
+from __future__ import annotations
+
+import keras
+
+from restransfer.models import stages as stages_lib
+from restransfer.training.phases import Phase
+from restransfer.training.schedules import learning_rate
+
+# No decay on BatchNorm scale/offset or biases (the usual AdamW practice).
+NO_DECAY_NAMES = ("bias", "gamma", "beta")
+
+
+def _with_lr_multipliers(base):
+    """An optimizer class whose update of each variable uses ``lr * multiplier[variable]``.
+
+    Keras 3 has no per-layer learning rates (keras-team/keras#21741). Scaling the rate
+    inside ``update_step`` is exact for every optimizer (Adam's update is linear in the
+    rate; scaling gradients instead would be undone by Adam's normalisation). Decoupled
+    weight decay (AdamW) still uses the base rate.
+
+    ``no_decay_names``: variables whose name contains one of these get no weight decay. It
+    is part of the optimizer's config (Keras' ``exclude_from_weight_decay`` is not), so a
+    checkpoint reloads with the same exclusions.
+    """
+
+    class StageRateOptimizer(base):
+        def __init__(self, *args, lr_multipliers=None, no_decay_names=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lr_multipliers = dict(lr_multipliers or {})
+            self.no_decay_names = list(no_decay_names)
+            if self.no_decay_names:
+                self.exclude_from_weight_decay(var_names=self.no_decay_names)
+
+        def build(self, variables):
+            super().build(variables)
+            self._multiplier_by_index = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            multiplier = self._multiplier_by_index[self._get_variable_index(variable)]
+            if multiplier != 1.0:
+                learning_rate = learning_rate * multiplier
+            return super().update_step(gradient, variable, learning_rate)
+
+        def get_config(self):
+            return {**super().get_config(), "lr_multipliers": self.lr_multipliers,
+                    "no_decay_names": self.no_decay_names}
+
+    StageRateOptimizer.__name__ = f"StageRate{base.__name__}"
+    return keras.saving.register_keras_serializable(package="restransfer")(StageRateOptimizer)
+
+
+StageRateAdam = _with_lr_multipliers(keras.optimizers.Adam)
+StageRateAdamW = _with_lr_multipliers(keras.optimizers.AdamW)
+StageRateSGD = _with_lr_multipliers(keras.optimizers.SGD)
+
+
+def lr_multipliers(model: keras.Model, phase: Phase) -> dict[str, float]:
+    """variable path -> rate relative to the head, for the phase's trainable stages."""
+    rates = phase.stage_learning_rates()
+    multipliers = {}
+    for stage, layers in stages_lib.stage_layers(model).items():
+        if stage in rates and rates[stage] != phase.lr:
+            for layer in layers:
+                for variable in layer.trainable_weights:
+                    multipliers[variable.path] = rates[stage] / phase.lr
+    return multipliers
+
+
+def make_optimizer(model: keras.Model, phase: Phase, steps_per_epoch: int):
+    lr = learning_rate(phase, steps_per_epoch)
+    common = dict(learning_rate=lr, lr_multipliers=lr_multipliers(model, phase), use_ema=phase.ema,
+                  global_clipnorm=phase.gradient_clip,
+                  no_decay_names=NO_DECAY_NAMES if phase.weight_decay else ())
+    if phase.optimizer == "sgd":
+        optimizer = StageRateSGD(momentum=0.9, nesterov=True,
+                                 weight_decay=phase.weight_decay or None, **common)
+    elif phase.optimizer == "adamw":
+        optimizer = StageRateAdamW(weight_decay=phase.weight_decay, **common)
+    else:
+        optimizer = StageRateAdam(**common)
+    return optimizer

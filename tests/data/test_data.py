@@ -1,0 +1,233 @@
+"""Data sources, bad files, and the augmentation pipeline."""
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from restransfer import data
+from restransfer.data.augmentation import build_transform
+
+from conftest import HYMENOPTERA, require_shared, write_image
+
+
+def test_image_folder_with_splits(tiny_folder):
+    train = data.image_folder(tiny_folder, split="train", progress=False)
+    assert train.class_names == ["bright", "dark"] and len(train) == 24
+    images = list(train.dataset.take(2).as_numpy_iterator())
+    assert images[0][0].dtype == np.uint8 and images[0][0].ndim == 3
+
+
+def test_bad_files_are_skipped_with_names_or_fail_strict(tiny_folder, caplog):
+    ants = tiny_folder / "train" / "bright"
+    (ants / "empty.jpg").write_bytes(b"")
+    (ants / "text.png").write_text("not an image")
+    good = (ants / "bright1.png").read_bytes()
+    (ants / "truncated.png").write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="restransfer.data"):
+        loaded = data.image_folder(tiny_folder, split="train", progress=False)
+    skipped = {s.path.split("/")[-1]: s.reason for s in loaded.skipped}
+    assert set(skipped) == {"empty.jpg", "text.png", "truncated.png"}
+    assert "0 bytes" in skipped["empty.jpg"]
+    assert len(loaded) == 24 and "3 file(s) skipped" in caplog.text
+    with pytest.raises(data.BadImagesError) as caught:
+        data.image_folder(tiny_folder, split="train", policy="strict", progress=False)
+    assert all(name in str(caught.value) for name in skipped)
+
+
+def test_odd_formats_decode_to_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    from PIL import Image
+
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).save(tmp_path / "anim.gif", save_all=True,
+                              append_images=[Image.fromarray(255 - rgb)])
+    Image.fromarray(np.full((6, 7), 40000, np.uint16)).save(tmp_path / "deep.png")
+    rgba = np.dstack([rgb, np.zeros((10, 12), np.uint8)])
+    write_image(tmp_path / "clear.png", rgba)
+    for name in ("cmyk.jpg", "anim.gif", "deep.png", "clear.png"):
+        image = data.load_image(tmp_path / name)
+        assert image.dtype == np.uint8 and image.shape[-1] == 3, name
+    assert data.load_image(tmp_path / "deep.png")[0, 0, 0] == round(40000 * 255 / 65535)
+    assert (data.load_image(tmp_path / "clear.png") == 255).all(), "transparent -> white"
+    # EXIF orientation 6 (rotate 90 CW): a 10x12 image is shown as 12x10
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
+    assert data.load_image(tmp_path / "rotated.jpg").shape[:2] == (12, 10)
+
+
+def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder):
+    folder = data.image_folder(tiny_folder, split="train", progress=False)
+    make = lambda start=0: data.make_pipeline(folder, 32, 24, training=True, augmentation="light",
+                                              seed=3, start_epoch=start)
+    batches = iter(make())  # 24 images, batch 24: one batch per epoch
+    epoch1, epoch2 = next(batches)[0].numpy(), next(batches)[0].numpy()
+    np.testing.assert_array_equal(epoch1, next(iter(make()))[0].numpy())
+    assert not np.array_equal(np.sort(epoch1.ravel()), np.sort(epoch2.ravel()))
+    # a pipeline started at epoch 1 (a resumed run) sees exactly what epoch 1 saw
+    np.testing.assert_array_equal(epoch2, next(iter(make(start=1)))[0].numpy())
+
+
+def test_unknown_transform_is_named():
+    with pytest.raises(ValueError, match="Blurr"):
+        build_transform([{"name": "Blurr"}], 32)
+    with pytest.raises(ValueError, match="HorizontalFlip"):
+        build_transform([{"name": "HorizontalFlip", "p": "often"}], 32)
+
+
+def test_stratified_split_keeps_proportions():
+    labels = np.array([0] * 40 + [1] * 10)
+    source = data.from_arrays(np.zeros((50, 4, 4, 3), np.uint8), labels)
+    train, val = data.stratified_split(source, 0.2, seed=0)
+    assert len(val) == 10 and np.bincount(val.labels).tolist() == [8, 2]
+
+
+def test_hymenoptera_has_no_undecodable_files():
+    root = require_shared(HYMENOPTERA)
+    train = data.image_folder(root, split="train", progress=False)
+    assert len(train) == 245 and not train.skipped
+
+
+def make_csv_folder(tmp_path, rows):
+    rng = np.random.default_rng(0)
+    for name in {r[0] for r in rows}:
+        write_image(tmp_path / name, rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    lines = ["path,label,patient"] + [",".join(r) for r in rows]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "labels.csv"
+
+
+def test_csv_single_and_separator_multi_label(tmp_path):
+    csv = make_csv_folder(tmp_path, [("img/a.png", "cat", "p1"), ("img/b.png", "dog", "p2"),
+                                     ("img/c.png", "cat|dog", "p3")])
+    multi = data.from_csv(csv, separator="|", group_column="patient", progress=False)
+    assert multi.class_names == ["cat", "dog"] and multi.multi_label
+    np.testing.assert_array_equal(multi.labels, [[1, 0], [0, 1], [1, 1]])
+    assert multi.paths[0] == str((tmp_path / "img" / "a.png").resolve())
+    assert list(multi.groups) == ["p1", "p2", "p3"]
+    with pytest.raises(ValueError, match=r"row 4: label\(s\) \['cat\|dog'\]"):
+        data.from_csv(csv, class_names=["cat", "dog"], progress=False)
+
+
+def test_csv_label_columns_and_path_escape(tmp_path):
+    write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "t.csv").write_text("path,effusion,mass\nx.png,1,0\n")
+    table = data.from_csv(tmp_path / "t.csv", label_columns=["effusion", "mass"], progress=False)
+    assert table.multi_label and table.labels.tolist() == [[1.0, 0.0]]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.csv").write_text("path,label\n../x.png,a\n")
+    with pytest.raises(ValueError, match="escapes the data root"):
+        data.from_csv(tmp_path / "sub" / "t.csv", progress=False)
+    assert len(data.from_csv(tmp_path / "sub" / "t.csv", allow_outside_root=True, progress=False)) == 1
+    with pytest.raises(ValueError, match="missing column"):
+        data.from_csv(tmp_path / "t.csv", label_column="finding", progress=False)
+
+
+def test_npz_medmnist_layout(tmp_path):
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((5, 28, 28), np.uint8),
+             train_labels=np.array([[0], [1], [0], [1], [1]]))
+    loaded = data.from_npz(tmp_path / "m.npz")
+    assert len(loaded) == 5 and loaded.channels == 1 and loaded.labels.tolist() == [0, 1, 0, 1, 1]
+    with pytest.raises(ValueError, match="test_images"):
+        data.from_npz(tmp_path / "m.npz", split="test")
+
+
+def test_tfds_missing_data_offline_fails_fast_with_one_clear_error(tmp_path):
+    # downloading is on (the default): TFDS would retry for minutes; restransfer asks the
+    # download server once and stops at once when it cannot be reached
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"tf_flowers.*cannot be reached.*tfds build tf_flowers"):
+        data.from_tfds("tfds:tf_flowers", data_dir=str(tmp_path))
+    assert time.perf_counter() - started < 30
+    with pytest.raises(FileNotFoundError, match=r"tf_flowers.*downloading is off"):
+        data.from_tfds("tfds:tf_flowers", data_dir=str(tmp_path), download=False)
+
+
+def test_tfds_dataset_prepared_in_a_data_dir_loads_with_downloading_on(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class RestransferTinyShapes(tfds.core.GeneratorBasedBuilder):
+        """Six 8x8 images of two classes, prepared from memory (no download)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        pkg_dir_path = tmp_path  # TFDS looks for checksums beside a builder's module; it has none
+
+        def _info(self):
+            return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 3)),
+                "label": tfds.features.ClassLabel(names=["dark", "bright"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(6):
+                yield i, {"image": np.full((8, 8, 3), 200 * (i % 2), np.uint8), "label": i % 2}
+
+    RestransferTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
+    shapes = data.from_tfds("restransfer_tiny_shapes", data_dir=str(tmp_path))  # download=True
+    assert shapes.class_names == ["dark", "bright"] and sorted(shapes.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    images, labels = next(iter(data.make_pipeline(shapes, 32, 6)))
+    assert images.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(labels.numpy(), shapes.labels)  # TFDS' order, kept
+    np.testing.assert_allclose(images.numpy().mean(axis=(1, 2, 3)), 200.0 * labels.numpy())
+
+
+def test_tfds_through_the_real_loader_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        flowers = data.as_image_data("tfds:tf_flowers:train[:50%]")
+        # mock_data serves num_examples per split and ignores slicing
+        assert flowers.class_names[0] == "dandelion" and len(flowers) == 6
+        batch = next(iter(data.make_pipeline(flowers, 32, 3)))
+        assert next(iter(data.make_pipeline(flowers, 32, 3, training=True)))[0].shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(batch[1].numpy(), flowers.labels[:3])
+    assert batch[0].shape == (3, 32, 32, 3)
+
+
+def test_grouped_splits_never_leak_a_group():
+    labels = np.array([0, 1] * 30)
+    groups = np.repeat(np.arange(20), 3).astype(str)
+    source = data.from_arrays(np.zeros((60, 4, 4, 3), np.uint8), labels)
+    source.groups = groups
+    train, val = data.stratified_split(source, 0.25, seed=1)
+    assert not set(train.groups) & set(val.groups)
+    folds = list(data.kfold(source, n_splits=5, seed=0))
+    assert len(folds) == 5
+    for train, val in folds:
+        assert not set(train.groups) & set(val.groups)
+    assert sorted(g for _, val in folds for g in val.groups) == sorted(groups)
+
+
+def test_split_file_and_duplicate_detection(tiny_folder, tmp_path):
+    train = data.image_folder(tiny_folder, split="train", progress=False)
+    val = data.image_folder(tiny_folder, split="val", class_names=train.class_names, progress=False)
+    (tiny_folder / "val" / "dark" / "copy.png").write_bytes((tiny_folder / "train" / "dark" / "dark1.png").read_bytes())
+    val = data.image_folder(tiny_folder, split="val", class_names=train.class_names, progress=False)
+    pairs = data.find_duplicates(train, val)
+    assert [p[1].split("/")[-1] for p in pairs] == ["copy.png"]
+    written = data.write_split(tmp_path / "split.csv", {"train": train, "val": val})
+    lines = written.read_text().splitlines()
+    assert lines[0] == "path,label,split,group" and len(lines) == 1 + len(train) + len(val)
+
+
+def test_sixteen_bit_precision_is_kept_as_float(tmp_path):
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 257 // 2, dtype=np.uint16)[:256].reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    exact = data.load_image(tmp_path / "ramp.png", channels=1, keep_precision=True)
+    assert exact.dtype == np.float32
+    np.testing.assert_allclose(exact[..., 0], ramp * (255 / 65535), rtol=1e-6)
+    assert len(np.unique(exact)) == 256 > len(np.unique(data.load_image(tmp_path / "ramp.png")))
+
+
+def test_class_in_val_but_not_train_is_an_error(tiny_folder):
+    (tiny_folder / "val" / "grey").mkdir()
+    write_image(tiny_folder / "val" / "grey" / "g.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="grey"):
+        data.image_folder(tiny_folder, split="val", class_names=["bright", "dark"], progress=False)

@@ -1,0 +1,203 @@
+"""Fine-tuning machinery: per-stage rates, schedules, presets, BN policy, LR finder."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import restransfer as rt
+from restransfer.models import stages
+from restransfer.training.lr_finder import find_lr
+from restransfer.training.phases import Phase, preset
+from restransfer.training.optimizers import lr_multipliers, make_optimizer
+from restransfer.training.schedules import OneCycle, learning_rate
+from restransfer.models.heads import ClassifierHead
+from restransfer.training.losses import compile_model
+
+
+def tiny_model():
+    backbone = rt.build_backbone("resnet18", input_shape=(32, 32, 3))
+    inputs = keras.Input((32, 32, 3))
+    head = ClassifierHead(2, name="head")
+    return keras.Model(inputs, head(backbone(inputs)))
+
+
+def one_step(model, phase):
+    stages.set_trainable_stages(model, stages.parse_stages(phase.trainable))
+    optimizer = make_optimizer(model, phase, steps_per_epoch=1)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+    before = [np.copy(v.numpy()) for v in variables]
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(np.array([0, 1, 0, 1]), model(x, training=False))
+    grads = tape.gradient(loss, variables)
+    optimizer.apply(grads, variables)
+    return {v.path: (b, v.numpy(), g.numpy()) for v, b, g in zip(variables, before, grads)}
+
+
+def pick(result, model, stage):
+    layer = next(l for l in stages.stage_layers(model)[stage] if isinstance(l, keras.layers.Conv2D))
+    return result[layer.kernel.path]
+
+
+def test_sgd_step_uses_each_stages_rate_exactly():
+    model = tiny_model()
+    phase = Phase("all", lr=0.1, lr_mult=0.5, optimizer="sgd", schedule="constant")
+    # first Nesterov step (momentum 0.9, empty history): delta = -(1 + 0.9) * lr_stage * grad
+    result = one_step(model, phase)
+    for stage, expected in phase.stage_learning_rates().items():
+        before, after, grad = pick(result, model, stage)
+        np.testing.assert_allclose(before - after, 1.9 * expected * grad, rtol=1e-3, atol=1e-8)
+    head_kernel = model.get_layer("head").classifier.kernel.path
+    before, after, grad = result[head_kernel]
+    np.testing.assert_allclose(before - after, 1.9 * 0.1 * grad, rtol=1e-3, atol=1e-8)
+    assert phase.stage_learning_rates()["stem"] == pytest.approx(0.1 * 0.5 ** 5)
+
+
+def test_adam_first_step_moves_each_stage_by_its_rate():
+    model = tiny_model()
+    phase = Phase("all", lr=1e-2, stage_lrs={"stage4": 1e-3, "stage1": 1e-5}, schedule="constant")
+    result = one_step(model, phase)
+    for stage, rate in (("stage4", 1e-3), ("stage1", 1e-5), ("stage2", 1e-2)):
+        before, after, grad = pick(result, model, stage)
+        moved = np.abs(before - after)[np.abs(grad) > 1e-6]
+        # Adam's first step is lr * g/(|g|+eps) ~ lr for every non-tiny gradient
+        assert np.median(moved) == pytest.approx(rate, rel=0.05), stage
+
+
+def test_multipliers_cover_only_trainable_stages():
+    model = tiny_model()
+    stages.set_trainable_stages(model, ["stage4"])
+    multipliers = lr_multipliers(model, Phase("stage4", lr=1.0, lr_mult=0.1))
+    assert multipliers and all(v == pytest.approx(0.1) for v in multipliers.values())
+    assert all("conv5" in path for path in multipliers)
+
+
+def test_schedule_values_at_given_steps():
+    cycle = OneCycle(1.0, total_steps=100)
+    assert float(cycle(0)) == pytest.approx(1 / 25)
+    assert float(cycle(30)) == pytest.approx(1.0)
+    assert float(cycle(100)) == pytest.approx(1e-4, rel=1e-3)
+    step = learning_rate(Phase("all", epochs=6, lr=1.0, schedule="step", step_epochs=2, step_gamma=0.5), 10)
+    assert [float(step(s)) for s in (0, 20, 21, 45)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
+    cosine = learning_rate(Phase("all", epochs=2, lr=0.1, schedule="cosine", warmup_epochs=1), 10)
+    assert [float(cosine(s)) for s in (0, 10, 20)] == pytest.approx([0.0, 0.1, 0.0], abs=1e-6)
+    constant = learning_rate(Phase("all", epochs=2, lr=0.1, schedule="constant", warmup_epochs=1), 10)
+    assert [float(constant(s)) for s in (5, 19)] == pytest.approx([0.05, 0.1])
+
+
+def test_schedule_state_survives_a_checkpoint(tmp_path):
+    model = tiny_model()
+    phase = Phase("head", lr=1.0, schedule="one_cycle", epochs=1)
+    optimizer = make_optimizer(model, phase, steps_per_epoch=100)
+    compile_model(model, optimizer, multi_label=False)
+    x = np.zeros((2, 32, 32, 3), "float32")
+    y = np.eye(2, dtype="float32")
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    assert int(restored.optimizer.iterations) == 3
+    assert float(restored.optimizer.learning_rate) == pytest.approx(float(OneCycle(1.0, 100)(3)))
+
+
+def test_presets():
+    assert [p.trainable for p in preset("gradual", epochs=5)] == ["head", "stage4", "stage3+", "stage2+", "all"]
+    guide = preset("keras_guide", epochs=4)
+    assert [(p.trainable, p.epochs, p.lr) for p in guide] == [("head", 2, 1e-3), ("all", 2, 1e-5)]
+    assert sum(p.epochs for p in preset("two_phase", epochs=8)) == 8
+    assert [p.lr_mult for p in preset("two_phase", epochs=8, lr_mult=0.6)] == [1.0, 0.6]
+    with pytest.raises(ValueError, match="unknown fine-tuning preset"):
+        preset("fastest")
+
+
+def test_phase_validation_names_the_field():
+    with pytest.raises(ValueError, match="lr"):
+        Phase("all", lr=-1)
+    with pytest.raises(ValueError, match="stage7"):
+        Phase("stage7")
+    with pytest.raises(ValueError, match="unknown stage 'stage9'"):
+        Phase("all", stage_lrs={"stage9": 1e-3})
+
+
+def test_train_bn_policy_updates_frozen_batchnorm():
+    model = tiny_model()
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    bn = next(l for l in stages.stage_layers(model)["stage1"] if isinstance(l, keras.layers.BatchNormalization))
+    for train_bn, changes in ((False, False), (True, True)):
+        stages.set_trainable_stages(model, [], train_bn=train_bn)
+        before = np.copy(bn.moving_mean.numpy())
+        compile_model(model, keras.optimizers.SGD(0.01), multi_label=False)
+        model.train_on_batch(x, np.eye(2, dtype="float32")[[0, 1, 0, 1]])
+        assert (not np.allclose(before, bn.moving_mean.numpy())) == changes
+
+
+def test_lr_finder_restores_weights_and_suggests(tmp_path):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    y = (x.mean(axis=(1, 2, 3)) > 127).astype("int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    weights = [np.copy(w) for w in model.get_weights()]
+    result = find_lr(model, ds, Phase("all"), num_classes=2, steps=30, min_lr=1e-6, max_lr=10)
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert 1e-6 <= result.valley <= 10 and 1e-6 <= result.steepest <= 10
+    assert len(result.losses) == len(result.learning_rates) <= 30
+    result.plot(tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").stat().st_size > 1000
+
+
+def test_label_smoothing_mixup_and_ema_train(tiny_folder):
+    recipe = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation="none",
+        phases=[Phase("all", epochs=1, lr=1e-3, label_smoothing=0.1, mixup=0.4, ema=True,
+                      optimizer="adamw", weight_decay=1e-4)])
+    history = recipe.fit(tiny_folder, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def cached_vs_uncached(tiny_folder, cache, augmentation="none", views=1):
+    recipe = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation=augmentation,
+        early_stopping_patience=None, deterministic=True, cache_features=cache, cache_views=views,
+        phases=[Phase("head", epochs=3, lr=0.01, schedule="one_cycle")])
+    recipe.fit(tiny_folder, verbose=0)
+    return recipe
+
+
+def test_feature_cache_gives_the_uncached_loss_trajectory(tiny_folder):
+    plain = cached_vs_uncached(tiny_folder, cache=False)
+    cached = cached_vs_uncached(tiny_folder, cache="auto")
+    for key in ("loss", "val_loss", "accuracy"):
+        np.testing.assert_allclose(cached.history.history[key], plain.history.history[key], rtol=1e-5, atol=1e-6)
+    head = lambda r: r.model.get_layer("head").get_weights()
+    for a, b in zip(head(plain), head(cached)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_augmented_views_cache_matches_when_views_cover_the_epochs(tiny_folder):
+    plain = cached_vs_uncached(tiny_folder, cache=False, augmentation="light")
+    cached = cached_vs_uncached(tiny_folder, cache=True, augmentation="light", views=3)
+    np.testing.assert_allclose(cached.history.history["loss"], plain.history.history["loss"], rtol=1e-5)
+    # "auto" never caches augmented data (it would not be exact)
+    assert cached_vs_uncached(tiny_folder, cache="auto", augmentation="light")._feature_cache(
+        rt.data.image_folder(tiny_folder, split="train", progress=False), None) is None
+
+
+def test_feature_cache_on_disk_is_keyed_by_weights(tiny_folder, tmp_path):
+    from restransfer.training.caching import FeatureCache
+
+    source = rt.data.image_folder(tiny_folder, split="train", progress=False)
+    backbone = rt.build_backbone("resnet18", input_shape=(32, 32, 3))
+    cache = FeatureCache(source, 32, 8, cache_dir=tmp_path, memory_budget_mb=0, progress=False)
+    first = np.asarray(cache.features(backbone))
+    assert first.shape == (1, len(source), 512) and len(list(tmp_path.glob("features-*.npy"))) == 1
+    again = FeatureCache(source, 32, 8, cache_dir=tmp_path, progress=False).features(backbone)
+    assert isinstance(again, np.memmap)  # read back from disk, not recomputed
+    np.testing.assert_array_equal(first, again)
+    conv = backbone.get_layer("conv1_conv")
+    conv.set_weights([w * 0.5 for w in conv.get_weights()])
+    FeatureCache(source, 32, 8, cache_dir=tmp_path, progress=False).features(backbone)
+    assert len(list(tmp_path.glob("features-*.npy"))) == 2, "changed weights, new cache"
