@@ -1,6 +1,7 @@
 """Data: how files become labelled pixels, and how pixels become batches.
 
-- :mod:`~restransfer.data.decoding`: the image contract (bytes -> pixels, the one resize);
+- :mod:`~restransfer.data.decoding`: the image contract (bytes -> pixels in TensorFlow ops, the
+  same in training and in the exported graph; the one resize);
 - :mod:`~restransfer.data.sources`: folders, CSV, arrays, ``.npz``, TFDS -> :class:`ImageData`;
 - :mod:`~restransfer.data.splits`: the one place that decides train/validation/test, k-fold;
 - :mod:`~restransfer.data.pipeline`: the seeded tf.data pipeline;
@@ -11,15 +12,16 @@ Imports only NumPy at module level (TensorFlow when a pipeline is built); nothin
 imports from models, training or tasks.
 """
 
-from restransfer.data.decoding import IMAGE_EXTENSIONS, check_image, load_image, resize_image
+from restransfer.data.decoding import (IMAGE_EXTENSIONS, SERVED_FORMATS, check_image, decode_image_bytes,
+                                       is_client_side, load_image, resize_image)
 from restransfer.data.pipeline import epoch_order, make_pipeline
 from restransfer.data.sources import (BadImagesError, ImageData, SkippedFile, as_image_data, check_files,
                                       from_arrays, from_csv, from_npz, from_tfds, image_folder, sklearn_digits)
 from restransfer.data.splits import (SPLIT_DIR_NAMES, Splits, find_duplicates, find_split_dir, has_part, kfold,
                                      resolve_splits, stratified_split, train_val_test_split, write_split)
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLIT_DIR_NAMES", "BadImagesError", "ImageData", "SkippedFile", "Splits",
-           "as_image_data", "check_files", "check_image", "epoch_order", "find_duplicates", "find_split_dir",
-           "from_arrays", "from_csv", "from_npz", "from_tfds", "has_part", "image_folder", "kfold", "load_image",
-           "make_pipeline", "resize_image", "resolve_splits", "sklearn_digits", "stratified_split",
-           "train_val_test_split", "write_split"]
+__all__ = ["IMAGE_EXTENSIONS", "SERVED_FORMATS", "SPLIT_DIR_NAMES", "BadImagesError", "ImageData", "SkippedFile",
+           "Splits", "as_image_data", "check_files", "check_image", "decode_image_bytes", "epoch_order",
+           "find_duplicates", "find_split_dir", "from_arrays", "from_csv", "from_npz", "from_tfds", "has_part",
+           "image_folder", "is_client_side", "kfold", "load_image", "make_pipeline", "resize_image",
+           "resolve_splits", "sklearn_digits", "stratified_split", "train_val_test_split", "write_split"]

@@ -77,11 +77,12 @@ class ImageData:
         )
 
     def first_images(self, count: int) -> list[np.ndarray]:
-        """The first ``count`` images, decoded as training decodes them (warm-up requests)."""
+        """The first ``count`` images, decoded as training decodes them."""
         if self.images is not None:
             return list(self.images[:count])
         if self.paths is not None:
-            return [load_image(p, self.channels, **self.decode_options) for p in self.paths[:count]]
+            return [load_image(p, self.channels, self.keep_precision, **self.decode_options)
+                    for p in self.paths[:count]]
         return [image.numpy() for image, _ in self.dataset.take(count)]
 
     @property
@@ -90,8 +91,12 @@ class ImageData:
         return self.encoded is None
 
     def fetcher(self):
-        """A TF function: index -> (image, label), for files and in-memory arrays."""
+        """A TF function: index -> (image, label), for files and in-memory arrays. Files are
+        read and decoded by the image contract's TensorFlow ops (in parallel, without the
+        GIL); only client-side formats (TIFF, DICOM, NIfTI) go through Python."""
         import tensorflow as tf
+
+        from restransfer.data.decoding import decode_image_bytes, is_client_side
 
         labels = tf.constant(self.labels)
         if self.images is not None:
@@ -100,10 +105,24 @@ class ImageData:
         channels, keep, options = self.channels, self.keep_precision, dict(self.decode_options)
         dtype = tf.float32 if keep else tf.uint8
         paths = tf.constant(self.paths)
+        client_side = np.array([is_client_side(p) for p in self.paths], dtype=bool)
+        flags = tf.constant(client_side)
+
+        def in_graph(path):
+            return decode_image_bytes(tf.io.read_file(path), channels, keep)
+
+        def in_python(path):
+            return tf.numpy_function(lambda p: load_image(p.decode(), channels, keep, **options),
+                                     [path], dtype, stateful=False)
 
         def fetch(i):
-            image = tf.numpy_function(lambda p: load_image(p.decode(), channels, keep, **options),
-                                      [tf.gather(paths, i)], dtype, stateful=False)
+            path = tf.gather(paths, i)
+            if not client_side.any():
+                image = in_graph(path)
+            elif client_side.all():
+                image = in_python(path)
+            else:
+                image = tf.cond(tf.gather(flags, i), lambda: in_python(path), lambda: in_graph(path))
             return tf.ensure_shape(image, [None, None, channels]), tf.gather(labels, i)
 
         return fetch
@@ -116,9 +135,10 @@ class ImageData:
         if self.encoded is not None:
             channels = self.channels
 
+            from restransfer.data.decoding import decode_image_bytes
+
             def decode_bytes(encoded):
-                image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-                return tf.ensure_shape(image, [None, None, channels])
+                return tf.ensure_shape(decode_image_bytes(encoded, channels), [None, None, channels])
 
             images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
             return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(self.labels))

@@ -1,4 +1,6 @@
-"""Task heads. A head also carries the class names, so they travel inside the model file."""
+"""Task heads. A head also carries what the model needs to be used as it was trained, so it
+travels inside the model file: the class names and the image contract (how files become the
+network's input: full-precision 16-bit decoding, the medical window and normalisation)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class ClassifierHead(keras.layers.Layer):
         dropout: float = 0.0,
         hidden_units: int | None = None,
         class_names: list[str] | None = None,
+        image_contract: dict | None = None,
         **kwargs,
     ):
         kwargs["dtype"] = "float32"
@@ -37,6 +40,7 @@ class ClassifierHead(keras.layers.Layer):
         self.dropout_rate = float(dropout)
         self.hidden_units = hidden_units
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.image_contract = dict(image_contract or {})
         self.dropout = keras.layers.Dropout(dropout, dtype="float32", name="dropout")
         self.hidden = (
             keras.layers.Dense(hidden_units, activation="relu", dtype="float32", name="hidden")
@@ -76,6 +80,7 @@ class ClassifierHead(keras.layers.Layer):
             "dropout": self.dropout_rate,
             "hidden_units": self.hidden_units,
             "class_names": self.class_names,
+            "image_contract": self.image_contract,
         }
 
 

@@ -6,9 +6,12 @@ hidden temporary name in the same directory, verified against the Keras model, t
 Serving only watches integer-named directories, so it never sees a partial export.
 
 Signatures (tag ``serve``):
-  * ``serving_default``: ``image_bytes`` (tf.string [N], JPEG/PNG/BMP/GIF) decoded, resized
-    and preprocessed in the graph exactly as in evaluation.
-  * ``predict_images``: ``images`` (float32 [N, H, W, C], raw 0-255 pixels).
+  * ``serving_default``: ``image_bytes`` (tf.string [N]: JPEG, PNG, GIF, BMP, WebP) decoded by
+    the same TensorFlow ops that decode training images (:mod:`restransfer.data.decoding`:
+    EXIF orientation, transparency on white, 16-bit scaling), resized and preprocessed in the
+    graph exactly as in evaluation.
+  * ``predict_images``: ``images`` (float32 [N, H, W, C], raw 0-255 pixels): for formats decoded
+    on the client (TIFF, DICOM, NIfTI: ``restransfer.data.load_image``).
 Outputs: ``probabilities`` [N, C], ``class_ids``/``class_names``/``scores`` [N, k] (top-k);
 multi-label models add ``predictions`` [N, C] (0/1 at the per-label thresholds).
 """
@@ -33,10 +36,10 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _serving_module(model, class_names, image_size, channels, top_k, thresholds):
+def _serving_module(model, class_names, image_size, channels, top_k, thresholds, keep_precision):
     import tensorflow as tf
 
-    from restransfer.data.decoding import resize_image
+    from restransfer.data.decoding import decode_image_bytes, resize_image
 
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
@@ -69,8 +72,7 @@ def _serving_module(model, class_names, image_size, channels, top_k, thresholds)
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(self, image_bytes):
             def decode(encoded):
-                image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-                return resize_image(image, image_size)
+                return resize_image(decode_image_bytes(encoded, channels, keep_precision), image_size)
 
             pixels = tf.map_fn(decode, image_bytes,
                                fn_output_signature=tf.TensorSpec([image_size, image_size, channels], tf.float32))
@@ -108,11 +110,12 @@ def write_warmup_requests(path: Path, encoded_images: list[bytes], model_name: s
             writer.write(log.SerializeToString())
 
 
-def _model_card(metadata, class_names, image_size, channels, multi_label, thresholds, top_k):
+def _model_card(metadata, class_names, image_size, channels, multi_label, thresholds, top_k, keep_precision):
     import keras
     import tensorflow as tf
 
     import restransfer
+    from restransfer.data.decoding import SERVED_FORMATS
 
     return {
         **(metadata or {}),
@@ -120,10 +123,17 @@ def _model_card(metadata, class_names, image_size, channels, multi_label, thresh
         "task": "multi-label" if multi_label else "single-label",
         "thresholds": thresholds,
         "input": {
-            "serving_default": "image_bytes: tf.string [N] (JPEG/PNG/BMP/GIF bytes; REST: "
-                               '{"instances": [{"b64": "..."}]})',
+            "serving_default": f"image_bytes: tf.string [N] ({', '.join(SERVED_FORMATS)} bytes; REST: "
+                               '{"instances": [{"b64": "..."}]}), decoded in the graph by the ops that '
+                               "decoded the training images: EXIF orientation applied, transparency "
+                               "composited on white, 16-bit values scaled to 0-255"
+                               + ("" if keep_precision else " and rounded to 8 bits")
+                               + f", {channels} channel(s)" + (" (ITU-R 601-2 luma)" if channels == 1 else ""),
             "predict_images": f"images: float32 [N, H, W, {channels}], raw 0-255 pixels, "
                               f"resized to {image_size}x{image_size} in the graph",
+            "client_side_formats": "TIFF, DICOM and NIfTI are not decoded by serving_default: decode "
+                                   "them with restransfer.data.load_image (the same conversions, and "
+                                   "the run's medical window/normalisation) and send predict_images",
         },
         "preprocessing": f"decode, bilinear antialiased resize to {image_size}x{image_size}, then "
                          "the backbone's own normalisation (a layer inside the model)",
@@ -154,11 +164,16 @@ def export_saved_model(
     thresholds: list[float] | None = None,
     warmup_images: list[np.ndarray] | None = None,
     metadata: dict | None = None,
+    encoded_images: list[bytes | None] | None = None,
+    keep_precision: bool = False,
 ) -> Path:
     """Exports ``model`` for TF Serving; returns the version directory.
 
-    ``warmup_images`` (raw uint8 HxWxC arrays, a few real images) become the warmup
-    requests and the parity check; without them a gray image is used.
+    ``warmup_images`` (decoded HxWxC pixels, a few real images) and ``encoded_images`` (the
+    same images' original file bytes; None where there is no served file, e.g. arrays, which
+    are then sent as lossless PNG) become the warmup requests and the parity check: the
+    export is refused unless ``serving_default(original bytes)`` and ``predict_images(pixels)``
+    both give the Keras model's probabilities. Without images a gray image is used.
     """
     import tensorflow as tf
 
@@ -174,9 +189,12 @@ def export_saved_model(
         thresholds = [0.5] * len(class_names)
     if not warmup_images:
         warmup_images = [np.full((image_size, image_size, channels), 128, np.uint8)]
+    warmup_images = list(warmup_images[:8])
+    encoded_images = list(encoded_images or [None] * len(warmup_images))[: len(warmup_images)]
+    encoded_images = [e if e is not None else encode_png(image) for e, image in zip(encoded_images, warmup_images)]
     staging = model_dir / f".partial-{version}-{uuid.uuid4().hex[:8]}"
     try:
-        module = _serving_module(model, list(class_names), image_size, channels, top_k, thresholds)
+        module = _serving_module(model, list(class_names), image_size, channels, top_k, thresholds, keep_precision)
         tf.saved_model.save(
             module, str(staging),
             signatures={"serving_default": module.serving_default,
@@ -184,12 +202,11 @@ def export_saved_model(
         )
         (staging / "assets").mkdir(exist_ok=True)
         (staging / "assets" / "labels.txt").write_text("\n".join(class_names) + "\n")
-        encoded = [encode_png(image) for image in warmup_images[:8]]
-        write_warmup_requests(staging / "assets.extra" / "tf_serving_warmup_requests", encoded,
+        write_warmup_requests(staging / "assets.extra" / "tf_serving_warmup_requests", encoded_images,
                               model_name)
-        parity = verify_export(staging, model, warmup_images[:8], image_size)
+        parity = verify_export(staging, model, warmup_images, encoded_images, image_size)
         card = _model_card({**(metadata or {}), "model_name": model_name, "version": version},
-                           class_names, image_size, channels, multi_label, thresholds, top_k)
+                           class_names, image_size, channels, multi_label, thresholds, top_k, keep_precision)
         card["export_parity_max_abs_diff"] = parity
         (staging / "assets.extra" / "model_card.json").write_text(json.dumps(card, indent=2))
         (staging / "assets.extra" / "MODEL_CARD.md").write_text(_markdown_card(card))
@@ -201,8 +218,9 @@ def export_saved_model(
     return final
 
 
-def verify_export(export_dir, model, images: list[np.ndarray], image_size: int) -> float:
-    """Loads the export and checks both signatures against the Keras model.
+def verify_export(export_dir, model, images: list[np.ndarray], encoded: list[bytes], image_size: int) -> float:
+    """Loads the export and checks both signatures against the Keras model: ``predict_images``
+    on the decoded pixels, ``serving_default`` on the same images' original bytes.
 
     Returns max |dprob|; raises if it exceeds PARITY_TOLERANCE.
     """
@@ -211,13 +229,14 @@ def verify_export(export_dir, model, images: list[np.ndarray], image_size: int) 
     from restransfer.data.decoding import resize_image
 
     loaded = tf.saved_model.load(str(export_dir))
-    pixels = np.stack([np.asarray(resize_image(image, image_size)) for image in images])
-    expected = np.asarray(model.predict(pixels, verbose=0), dtype=np.float32)
-    by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))["probabilities"]
-    encoded = tf.constant([encode_png(image) for image in images])
-    by_bytes = loaded.signatures["serving_default"](image_bytes=encoded)["probabilities"]
-    diff = float(max(np.abs(by_pixels.numpy() - expected).max(),
-                     np.abs(by_bytes.numpy() - expected).max()))
+    diff = 0.0
+    for image, original in zip(images, encoded):  # one at a time: originals differ in size
+        pixels = np.asarray(image, dtype=np.float32)[None]
+        expected = np.asarray(model.predict(np.asarray(resize_image(pixels, image_size)), verbose=0))
+        by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))["probabilities"]
+        by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant([original]))["probabilities"]
+        diff = max(diff, float(np.abs(by_pixels.numpy() - expected).max()),
+                   float(np.abs(by_bytes.numpy() - expected).max()))
     if not diff <= PARITY_TOLERANCE:
         raise RuntimeError(f"exported model disagrees with the Keras model: max|dprob|={diff:.3g}")
     return diff

@@ -100,6 +100,7 @@ class ClassificationRecipe:
         self.stem = stem
         self.decode_options = dict(decode_options or {})
         self.download_data = download_data
+        self.keep_precision = False  # 16-bit files at full precision: set by fit from the data
         self.distribute = distribute
         self.lr_scaling = lr_scaling
         self.sync_batchnorm = sync_batchnorm
@@ -126,6 +127,7 @@ class ClassificationRecipe:
             dropout=self.head_dropout,
             hidden_units=self.head_hidden_units,
             class_names=self.class_names,
+            image_contract={"keep_precision": self.keep_precision, "decode_options": self.decode_options},
             name="head",
         )
         self.model = keras.Model(inputs, head(backbone(inputs)), name=f"{self.backbone_name}_classifier")
@@ -190,6 +192,7 @@ class ClassificationRecipe:
             val_fraction=0 if user_val is not None else self.val_fraction, with_test=False,
             seed=self.seed, **self._read_options())
         train = splits.train
+        self.keep_precision = train.keep_precision
         self.skipped += [s for _, part in splits.items() for s in part.skipped]
         if self.class_names is None:
             self.class_names = train.class_names
@@ -332,7 +335,7 @@ class ClassificationRecipe:
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike)):
-            images = [data_lib.load_image(p, self.channels) for p in images]
+            images = [self._load(path) for path in images]
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = images[None] if images.shape[-1] in (1, 3, 4) else images[..., None]
         resized = np.stack(
@@ -362,16 +365,31 @@ class ClassificationRecipe:
         if not self.worker.is_chief:
             print(f"worker {self.worker.index}: only the chief exports; nothing written")
             return Path(out_dir)
-        if isinstance(warmup_images, data_lib.ImageData):
-            warmup_images = warmup_images.first_images(4)
-        elif warmup_images is not None and len(warmup_images) and isinstance(warmup_images[0], (str, os.PathLike)):
-            warmup_images = [data_lib.load_image(p, self.channels, **self.decode_options) for p in warmup_images]
+        decoded, encoded = self._export_samples(warmup_images)
         return export_saved_model(
             self._require_model(), out_dir, class_names=self.class_names,
             image_size=self.image_size, model_name=model_name or self.backbone_name,
             version=version, top_k=top_k, multi_label=self.multi_label, thresholds=thresholds,
-            warmup_images=warmup_images, metadata=self.describe(),
+            warmup_images=decoded, encoded_images=encoded, keep_precision=self.keep_precision,
+            metadata=self.describe(),
         )
+
+    def _export_samples(self, images, count: int = 4):
+        """(decoded pixels, original file bytes or None) of a few real images: the export's
+        warm-up requests and its parity check on original files."""
+        if isinstance(images, data_lib.ImageData):
+            if images.paths is None:
+                return images.first_images(count), None
+            images = images.paths[:count]
+        if images is None or not len(images) or not isinstance(images[0], (str, os.PathLike)):
+            return images, None
+        decoded = [self._load(path) for path in images[:8]]
+        encoded = [None if data_lib.is_client_side(path) else Path(path).read_bytes() for path in images[:8]]
+        return decoded, encoded
+
+    def _load(self, path):
+        """One file decoded exactly as this recipe's pipelines decode it."""
+        return data_lib.load_image(path, self.channels, self.keep_precision, **self.decode_options)
 
     def describe(self) -> dict:
         """What a model card needs to know about this recipe (no absolute paths)."""
@@ -418,6 +436,7 @@ class ClassificationRecipe:
         head = find_head(model)
         backbone = stages_lib.find_backbone(model)
         height, _, channels = model.input_shape[1:]
+        contract = head.image_contract
         recipe = cls(**{
             **options,
             "backbone": backbone.name,
@@ -429,7 +448,9 @@ class ClassificationRecipe:
             "multi_label": head.multi_label,
             "head_dropout": head.dropout_rate,
             "head_hidden_units": head.hidden_units,
+            **({"decode_options": contract["decode_options"]} if "decode_options" in contract else {}),
         })
+        recipe.keep_precision = bool(contract.get("keep_precision", False))
         recipe.model = model
         return recipe
 

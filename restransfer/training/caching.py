@@ -12,7 +12,7 @@ variety for speed (the head sees each augmented copy ``epochs / views`` times).
 
 Caches live in memory up to ``memory_budget_mb``, beyond that in a memory-mapped ``.npy`` under
 ``cache_dir``; on disk they are keyed by a hash of the backbone weights, the preprocessing,
-the data and the augmentation, so any change invalidates them.
+the data, how it is decoded and the augmentation, so any change invalidates them.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ class FeatureCache:
         if self.data.images is not None:
             digest.update(np.ascontiguousarray(self.data.images).tobytes())
         digest.update(np.ascontiguousarray(self.data.labels).tobytes())
-        digest.update(json.dumps([self.image_size, self.augmentation, self.views, self.seed],
-                                 default=str).encode())
+        # how files become pixels (the image contract) changes the features too
+        digest.update(json.dumps([self.image_size, self.augmentation, self.views, self.seed, self.data.channels,
+                                  self.data.keep_precision, self.data.decode_options], default=str).encode())
         return digest.hexdigest()[:20]
 
     def features(self, backbone) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Recipe files: validation with file:line errors, extends, --set, shipped examples."""
 
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
