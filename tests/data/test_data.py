@@ -231,3 +231,28 @@ def test_class_in_val_but_not_train_is_an_error(tiny_folder):
     write_image(tiny_folder / "val" / "grey" / "g.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="grey"):
         data.image_folder(tiny_folder, split="val", class_names=["bright", "dark"], progress=False)
+
+
+def test_resolve_splits_uses_the_sources_own_parts_else_a_stratified_fraction(tmp_path, tiny_folder):
+    rng = np.random.default_rng(0)
+    arrays = {f"{part}_images": rng.integers(0, 255, (n, 8, 8), dtype=np.uint8) for part, n in
+              (("train", 20), ("val", 6), ("test", 4))}
+    arrays.update({f"{part}_labels": np.arange(n) % 2 for part, n in (("train", 20), ("val", 6), ("test", 4))})
+    np.savez(tmp_path / "medmnist.npz", **arrays)
+    splits = data.resolve_splits(tmp_path / "medmnist.npz", val_fraction=0.25)
+    # MedMNIST layout: the file's own val_/test_ arrays, nothing split off the training arrays
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 6, 4)
+    np.testing.assert_array_equal(splits.val.images[..., 0], arrays["val_images"])
+    only_train = {k: v for k, v in arrays.items() if k.startswith("train")}
+    np.savez(tmp_path / "train_only.npz", **only_train)
+    splits = data.resolve_splits(tmp_path / "train_only.npz", val_fraction=0.25)
+    assert (len(splits.train), len(splits.val), splits.test) == (15, 5, None)
+    folder = data.resolve_splits(tiny_folder, val_fraction=0.25)
+    assert (len(folder.train), len(folder.val), folder.test) == (24, 12, None)  # its own val/ folder
+
+
+def test_image_data_in_another_class_order_is_refused():
+    source = data.from_arrays(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]), class_names=["normal", "abnormal"])
+    assert data.as_image_data(source, class_names=["normal", "abnormal"]) is source
+    with pytest.raises(ValueError, match=r"\['normal', 'abnormal'\] are not the model's \['abnormal', 'normal'\]"):
+        data.as_image_data(source, class_names=["abnormal", "normal"])

@@ -201,3 +201,16 @@ def test_feature_cache_on_disk_is_keyed_by_weights(tiny_folder, tmp_path):
     conv.set_weights([w * 0.5 for w in conv.get_weights()])
     FeatureCache(source, 32, 8, cache_dir=tmp_path, progress=False).features(backbone)
     assert len(list(tmp_path.glob("features-*.npy"))) == 2, "changed weights, new cache"
+
+
+def test_adamw_weight_decay_exclusions_survive_a_reload():
+    # the exclusions must be in the optimizer's config, or a checkpoint reloads without them
+    model = tiny_model()
+    phase = Phase("all", epochs=1, lr=0.1, optimizer="adamw", weight_decay=0.5)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(make_optimizer(model, phase, 10)))
+    head = model.get_layer("head").classifier
+    head.set_weights([np.ones_like(w) for w in head.get_weights()])
+    restored.apply_gradients([(np.zeros_like(v), v) for v in head.trainable_variables])
+    kernel, bias = head.get_weights()
+    assert np.all(kernel < 1.0)               # decayed
+    np.testing.assert_array_equal(bias, 1.0)  # excluded by name, after the reload
