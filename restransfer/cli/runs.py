@@ -20,10 +20,9 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
-from restransfer import data as data_lib
 from pydantic import BaseModel
 
+from restransfer import data as data_lib
 from restransfer.cli.config import RecipeConfig, dump_recipe, load_recipe
 
 
@@ -82,17 +81,23 @@ def check_free_space(run_dir: Path, config: RecipeConfig) -> None:
                       f"{config.backbone.name} need about {needed / 2**20:.0f} MB")
 
 
-def recipe_arguments(config: RecipeConfig, recipe_class) -> dict:
-    """The recipe constructor's arguments, derived from the schema: a field becomes the
-    argument of the same name, or the one its ``recipe_arg`` metadata names; fields with no
-    such argument are run-level (data sources, export, ...). The ``medical`` section counts
-    only for ``task: medical``."""
+def recipe_parameters(recipe_class) -> set[str]:
+    """The names a recipe class's constructor takes, its base classes' included."""
     import inspect
 
     accepted = set()
     for cls in recipe_class.__mro__:
         if "__init__" in vars(cls):
-            accepted |= set(inspect.signature(cls.__init__).parameters)
+            accepted |= set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    return accepted
+
+
+def recipe_arguments(config: RecipeConfig, recipe_class) -> dict:
+    """The recipe constructor's arguments, derived from the schema: a field becomes the
+    argument of the same name, or the one its ``recipe_arg`` metadata names; fields with no
+    such argument are run-level (data sources, export, ...). The ``medical`` section counts
+    only for ``task: medical``."""
+    accepted = recipe_parameters(recipe_class)
     arguments = {}
 
     def collect(section):
@@ -132,7 +137,7 @@ def load_splits(config: RecipeConfig, recipe=None) -> data_lib.Splits:
     return data_lib.resolve_splits(
         config.data.source, config.data.validation, config.data.test,
         val_fraction=0 if config.data.cv_folds else config.data.val_fraction, seed=config.seed,
-        csv=config.data.csv.model_dump(), **recipe._read_options())
+        csv=config.data.csv.model_dump(), **recipe.read_options())
 
 
 def prepare_run_dir(config: RecipeConfig, overwrite: bool, resume: bool) -> Path:

@@ -147,13 +147,13 @@ class ClassificationRecipe:
 
     # --- data ---------------------------------------------------------------------------
 
-    def _read_options(self) -> dict:
+    def read_options(self) -> dict:
         """How this recipe reads a source: the options every door shares."""
         return dict(policy=self.bad_images, channels=self.channels, decode_options=self.decode_options,
                     download=self.download_data)
 
     def _as_data(self, source, split=None) -> data_lib.ImageData:
-        data = data_lib.as_image_data(source, class_names=self.class_names, split=split, **self._read_options())
+        data = data_lib.as_image_data(source, class_names=self.class_names, split=split, **self.read_options())
         self.skipped += data.skipped
         return data
 
@@ -190,7 +190,7 @@ class ClassificationRecipe:
         splits = data_lib.resolve_splits(
             train_data, None if user_val is not None else validation_data, class_names=self.class_names,
             val_fraction=0 if user_val is not None else self.val_fraction, with_test=False,
-            seed=self.seed, **self._read_options())
+            seed=self.seed, **self.read_options())
         train = splits.train
         self.keep_precision = train.keep_precision
         self.skipped += [s for _, part in splits.items() for s in part.skipped]

@@ -142,12 +142,10 @@ DERIVED_ARGUMENTS = {"class_names": "the training data", "num_classes": "the tra
 def test_every_recipe_field_reaches_the_recipe_or_is_run_level():
     # the mapping is derived from the schema: a field added to either side without the other
     # would be silently dropped, which this catches
-    import inspect
-
     from pydantic import BaseModel
 
     from restransfer.cli.config import RecipeConfig
-    from restransfer.cli.runs import recipe_arguments
+    from restransfer.cli.runs import recipe_arguments, recipe_parameters
     from restransfer.tasks.medical import MedicalImagingRecipe
 
     config, _ = load_recipe(REPO / "recipes" / "digits_demo.yaml", ["task=medical"])
@@ -161,11 +159,7 @@ def test_every_recipe_field_reaches_the_recipe_or_is_run_level():
             fields.add(name)
     reached = {f for f in fields if f not in RUN_LEVEL_FIELDS}
     assert len(arguments) == len(reached), sorted(reached)
-    accepted = set()
-    for cls in MedicalImagingRecipe.__mro__:
-        if "__init__" in vars(cls):
-            accepted |= set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    assert accepted - set(arguments) == set(DERIVED_ARGUMENTS)
+    assert recipe_parameters(MedicalImagingRecipe) - set(arguments) == set(DERIVED_ARGUMENTS)
 
 
 def test_weights_presets_by_name_in_recipe_files(tmp_path):
