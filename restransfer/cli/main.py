@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="image folder (class sub-folders, optional train/val/test); "
                                            "default: scikit-learn's bundled digits")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--weights", default=None, help="'imagenet', a .pth/.safetensors/.weights.h5 file, "
-                                                   "or omitted for random init")
+    p.add_argument("--weights", default=None, help="a preset ('imagenet', 'torchvision_v1', ...: see "
+                                                   "`restransfer backbones`), a .pth/.safetensors/.weights.h5 "
+                                                   "file, or omitted for random init")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=2, help="epochs per phase")
     p.add_argument("--batch-size", type=int, default=32)
