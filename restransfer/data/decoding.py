@@ -201,15 +201,16 @@ def check_image(path: str, **medical_options) -> str | None:
     except ImportError as error:  # pydicom/nibabel missing: not the file's fault, say so once
         raise ImportError(f"{path}: {error}") from None
     except Exception as error:  # decoders raise many types for corrupt data
-        return f"cannot be decoded ({type(error).__name__}: {_first_line(error)})"
+        return f"cannot be decoded ({type(error).__name__}: {first_line(error)})"
     if image.shape[0] < 2 or image.shape[1] < 2:
         return f"too small ({image.shape[1]}x{image.shape[0]})"
     return None
 
 
-def _first_line(error) -> str:
+def first_line(error) -> str:
+    """An exception's message in one line (decoders and TFDS write several)."""
     text = str(error).strip()
-    return text.splitlines()[-1][:200] if text else type(error).__name__
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def resize_image(image, image_size: int):

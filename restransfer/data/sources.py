@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from restransfer.data.decoding import IMAGE_EXTENSIONS, check_image, load_image
+from restransfer.data.decoding import IMAGE_EXTENSIONS, check_image, first_line, load_image
 from restransfer.data.splits import SPLIT_DIR_NAMES, find_split_dir
 
 log = logging.getLogger("restransfer.data")
@@ -397,21 +397,17 @@ def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
             ds, info = load(False)
         except (AssertionError, FileNotFoundError) as error:  # TFDS: "Dataset ... not found"
             if not download:
-                raise not_prepared(f"downloading is off ({_first_line(error)})") from None
+                raise not_prepared(f"downloading is off ({first_line(error)})") from None
             unreachable = _unreachable_download_host(tfds.builder(name, data_dir=data_dir))
             if unreachable:
                 raise not_prepared(f"its download server cannot be reached ({unreachable})") from None
             ds, info = load(True)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(f"unknown TFDS dataset {name!r}: {_first_line(error)}") from None
+        raise ValueError(f"unknown TFDS dataset {name!r}: {first_line(error)}") from None
     label_feature = info.features[label_key]
     labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
     return ImageData(labels=labels, class_names=list(label_feature.names),
                      encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
-
-
-def _first_line(error) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _unreachable_download_host(builder, timeout: float = 5.0) -> str | None:
