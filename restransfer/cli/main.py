@@ -170,16 +170,22 @@ def cmd_predict(args) -> int:
     recipe = _load_recipe(args.model, args.unsafe)
     results = []
     for path in args.images:
-        probabilities = recipe.predict([path])[0]
+        probabilities = recipe.predict([path])
+        decided = recipe.decide(probabilities)[0]
+        probabilities = probabilities[0]
         order = probabilities.argsort()[::-1][: args.top_k]
-        results.append({"image": path, "top": [
-            {"class": recipe.class_names[i], "probability": float(probabilities[i])} for i in order]})
+        results.append({"image": path, "decision": decided, "top": [
+            {"class": recipe.class_names[i], "probability": float(probabilities[i])} for i in order],
+            "probabilities": {name: float(p) for name, p in zip(recipe.class_names, probabilities)}})
+    rule = recipe.decision.describe()
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"decision_rule": rule, "results": results}, indent=2))
     else:
+        print(f"decision: {rule}")
         for item in results:
             best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"])
-            print(f"{item['image']}: {best}")
+            decided = item["decision"] if isinstance(item["decision"], str) else ",".join(item["decision"]) or "-"
+            print(f"{item['image']}: {decided}  ({best})")
     return EXIT_OK
 
 

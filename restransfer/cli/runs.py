@@ -162,13 +162,14 @@ def _callbacks(run_dir: Path, tag: str = ""):
 
 
 def _predictions(recipe, data):
-    """Probabilities and the (resized) images of ``data``, in order, for the report."""
-    pipeline = recipe._pipeline(data, training=False)
-    images, probabilities = [], []
-    for batch_images, _ in pipeline:
-        probabilities.append(recipe.model.predict_on_batch(batch_images))
-        images.extend(batch_images.numpy()[: max(0, 400 - len(images))])  # a grid needs few
-    return np.concatenate(probabilities), np.asarray(images)
+    """Probabilities (as ``predict`` gives them) and the first (resized) images of ``data``,
+    in order, for the report."""
+    images = []
+    for batch_images, _ in recipe._pipeline(data, training=False):
+        images.extend(batch_images.numpy()[: 400 - len(images)])  # a grid needs few
+        if len(images) >= 400:
+            break
+    return recipe.predict_dataset(data), np.asarray(images)
 
 
 def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str,
@@ -183,10 +184,12 @@ def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test,
         probabilities, images = _predictions(recipe, val)
         grid_images = images if len(images) == len(val) else None
         notes = [f"backbone {config.backbone.name}, weights {config.backbone.weights}",
-                 f"{len(recipe.skipped)} unusable file(s) skipped"]
+                 f"{len(recipe.skipped)} unusable file(s) skipped",
+                 f"decision: {recipe.decision.describe()}"]
+        decisions = np.asarray(recipe.decision.decide(probabilities, recipe.class_names))
         write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, val.labels,
                      probabilities, grid_images, multi_label=recipe.multi_label, metrics=metrics,
-                     notes=notes, extra_images=extra_images)
+                     notes=notes, extra_images=extra_images, decisions=decisions)
     return metrics
 
 
@@ -243,8 +246,13 @@ def _train_single(config, recipe, splits: data_lib.Splits, run_dir: Path, resume
     else:
         _fit(recipe, splits, run_dir, resume, verbose, callbacks=_callbacks(run_dir))
         recipe.save(model_path)
-    clinical = (_clinical(recipe, config, val, test if test is not None else val, run_dir)
-                if config.task == "medical" else None)
+    clinical = None
+    if config.task == "medical":
+        scored_on = ("test" if test is not None else
+                     "val: the split the threshold was chosen on (no test split), so optimistic")
+        clinical = _clinical(recipe, config, val, test if test is not None else val, run_dir,
+                             tuned_on="val", scored_on=scored_on)
+        recipe.save(model_path)  # the chosen threshold/temperature travel with the model
     metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}",
                                    extra_images=sorted((run_dir / "gradcam").glob("*.png")))
     if clinical is not None:
@@ -260,12 +268,13 @@ def _train_single(config, recipe, splits: data_lib.Splits, run_dir: Path, resume
                           warmup_images=val or splits.train)
 
 
-def _clinical(recipe, config, val, test, out_dir: Path) -> dict:
-    """Threshold (and temperature) chosen on ``val``, then applied unchanged to ``test``;
-    Grad-CAM overlays of the first test images."""
+def _clinical(recipe, config, val, test, out_dir: Path, tuned_on: str, scored_on: str) -> dict:
+    """Threshold (and temperature) chosen on ``val``, stored in the model, then applied
+    unchanged to ``test``; Grad-CAM overlays of the first test images. The report names both."""
     if val is not None:
-        recipe.calibrate(val)
-    report = recipe.evaluate_clinical(test)
+        recipe.calibrate(val, split=tuned_on)
+    report = {"decision_rule": recipe.decision.describe(), "threshold_chosen_on": tuned_on,
+              "figures_on": scored_on, **recipe.evaluate_clinical(test)}
     if config.medical.gradcam_images:
         recipe.grad_cam_overlays(test, out_dir / "gradcam", count=config.medical.gradcam_images)
     return report
@@ -306,8 +315,10 @@ def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) ->
             fit_part, threshold_part = train_part, val_part
         recipe.fit(fit_part, validation_data=threshold_part,
                    callbacks=_callbacks(run_dir, f"_fold{index + 1}"), verbose=verbose)
+        clinical = _clinical(recipe, config, threshold_part, val_part, fold_dir,
+                             tuned_on=f"{config.medical.threshold_val_fraction:.0%} of fold {index + 1}'s training part",
+                             scored_on=f"fold {index + 1} (held out)") if config.task == "medical" else None
         recipe.save(fold_dir / "model.keras")
-        clinical = _clinical(recipe, config, threshold_part, val_part, fold_dir) if config.task == "medical" else None
         metrics = _evaluate_and_report(recipe, fold_dir, config, val_part, None,
                                        f"{config.name}: fold {index + 1}/{config.data.cv_folds}",
                                        extra_images=sorted((fold_dir / "gradcam").glob("*.png")))

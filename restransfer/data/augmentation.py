@@ -116,3 +116,23 @@ class Augmenter:
     def batch(self, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Augments each image of a batch with its own seed."""
         return np.stack([self(image, seed) for image, seed in zip(images, seeds)])
+
+
+def _shift(pixels, dy: int, dx: int):
+    import tensorflow as tf
+
+    size = tf.shape(pixels)[1:3]
+    padded = tf.pad(pixels, [[0, 0], [abs(dy), abs(dy)], [abs(dx), abs(dx)], [0, 0]], mode="REFLECT")
+    return tf.image.crop_to_bounding_box(padded, abs(dy) + dy, abs(dx) + dx, size[0], size[1])
+
+
+# Test-time augmentation: views of a batch of resized pixels [N, H, W, C] whose probabilities
+# are averaged. TensorFlow ops, so the serving graph averages the very same views.
+# Identity, horizontal flip, 4-pixel shifts: changes a reader would not notice.
+TEST_TIME_VIEWS = (
+    lambda x: x,
+    lambda x: x[:, :, ::-1, :],
+    lambda x: _shift(x, 4, 0),
+    lambda x: _shift(x, 0, 4),
+    lambda x: _shift(x, -4, -4),
+)

@@ -28,8 +28,9 @@ def grad_cam(model, image: np.ndarray, stage: str = "stage4", class_index: int |
     with tf.GradientTape() as tape:
         feature_map, pooled = probe(pixels, training=False)
         probabilities = head(pooled, training=False)
-        if class_index is None:
-            class_index = int(tf.argmax(probabilities[0]))
+        if class_index is None:  # the decided class: the model's own rule (e.g. a threshold)
+            class_index = int(tf.argmax(probabilities[0])) if head.multi_label else \
+                int(head.decision.decide(probabilities, head.class_names)[0])
         score = probabilities[:, class_index]
     gradients = tape.gradient(score, feature_map)
     if gradients is None:

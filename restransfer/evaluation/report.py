@@ -111,8 +111,9 @@ def wrong_grid_png(images, y_true, y_pred, confidence, class_names, limit=12) ->
 
 def write_report(path, title: str, history, class_names, y_true, probabilities, images=None,
                  multi_label: bool = False, metrics: dict | None = None, notes: list[str] = (),
-                 extra_images=()) -> None:
-    """Writes the report. ``y_true``: class ids (or 0/1 rows for multi-label)."""
+                 extra_images=(), decisions=None) -> None:
+    """Writes the report. ``y_true``: class ids (or 0/1 rows for multi-label); ``decisions``:
+    the model's decided class ids (or 0/1 rows) when its rule is not argmax / 0.5."""
     from sklearn.metrics import classification_report
 
     sections = []
@@ -121,12 +122,12 @@ def write_report(path, title: str, history, class_names, y_true, probabilities, 
                          curves_png(history.history, history.phase_starts)))
     if multi_label:
         y_onehot = np.asarray(y_true)
-        y_pred_onehot = (probabilities >= 0.5).astype(int)
+        y_pred_onehot = np.asarray(decisions) if decisions is not None else (probabilities >= 0.5).astype(int)
         table = classification_report(y_onehot, y_pred_onehot, target_names=class_names,
                                       output_dict=True, zero_division=0)
     else:
         y_true = np.asarray(y_true).astype(int)
-        y_pred = probabilities.argmax(axis=1)
+        y_pred = np.asarray(decisions) if decisions is not None else probabilities.argmax(axis=1)
         y_onehot = np.eye(len(class_names))[y_true]
         table = classification_report(y_true, y_pred, labels=range(len(class_names)),
                                       target_names=class_names, output_dict=True, zero_division=0)

@@ -1,10 +1,14 @@
 """Task heads. A head also carries what the model needs to be used as it was trained, so it
-travels inside the model file: the class names and the image contract (how files become the
-network's input: full-precision 16-bit decoding, the medical window and normalisation)."""
+travels inside the model file: the class names, the image contract (how files become the
+network's input: full-precision 16-bit decoding, the medical window and normalisation), the
+decision rule (:mod:`restransfer.models.decision`) and a temperature that recalibrates the
+probabilities (a variable, so Keras, a reloaded model and the SavedModel all apply it)."""
 
 from __future__ import annotations
 
 import keras
+
+from restransfer.models.decision import DecisionRule
 
 
 @keras.saving.register_keras_serializable(package="restransfer")
@@ -23,6 +27,7 @@ class ClassifierHead(keras.layers.Layer):
         hidden_units: int | None = None,
         class_names: list[str] | None = None,
         image_contract: dict | None = None,
+        decision: dict | None = None,
         **kwargs,
     ):
         kwargs["dtype"] = "float32"
@@ -41,18 +46,18 @@ class ClassifierHead(keras.layers.Layer):
         self.hidden_units = hidden_units
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.image_contract = dict(image_contract or {})
+        self.decision = DecisionRule.from_config(decision, self.multi_label, self.num_classes)
+        self.decision.check(self.class_names, self.multi_label)
+        # logits are divided by it before the softmax/sigmoid; 1 until a recipe calibrates
+        self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                           name="temperature")
         self.dropout = keras.layers.Dropout(dropout, dtype="float32", name="dropout")
         self.hidden = (
             keras.layers.Dense(hidden_units, activation="relu", dtype="float32", name="hidden")
             if hidden_units
             else None
         )
-        self.classifier = keras.layers.Dense(
-            num_classes,
-            activation="sigmoid" if multi_label else "softmax",
-            dtype="float32",
-            name="classifier",
-        )
+        self.classifier = keras.layers.Dense(num_classes, dtype="float32", name="classifier")  # logits
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -65,7 +70,8 @@ class ClassifierHead(keras.layers.Layer):
         x = self.dropout(keras.ops.cast(features, "float32"), training=training)
         if self.hidden is not None:
             x = self.hidden(x)
-        return self.classifier(x)
+        logits = self.classifier(x) / self.temperature
+        return keras.ops.sigmoid(logits) if self.multi_label else keras.ops.softmax(logits)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
@@ -81,7 +87,18 @@ class ClassifierHead(keras.layers.Layer):
             "hidden_units": self.hidden_units,
             "class_names": self.class_names,
             "image_contract": self.image_contract,
+            "decision": self.decision.get_config(),
         }
+
+    def set_decision(self, decision: DecisionRule) -> None:
+        decision.check(self.class_names, self.multi_label)
+        self.decision = decision
+
+    def load_own_variables(self, store):
+        if len(store.keys()) == 0:  # a file saved before heads had a temperature
+            self.temperature.assign(1.0)
+            return
+        super().load_own_variables(store)
 
 
 def find_head(model: keras.Model) -> ClassifierHead:

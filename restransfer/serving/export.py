@@ -12,8 +12,12 @@ Signatures (tag ``serve``):
     graph exactly as in evaluation.
   * ``predict_images``: ``images`` (float32 [N, H, W, C], raw 0-255 pixels): for formats decoded
     on the client (TIFF, DICOM, NIfTI: ``restransfer.data.load_image``).
-Outputs: ``probabilities`` [N, C], ``class_ids``/``class_names``/``scores`` [N, k] (top-k);
-multi-label models add ``predictions`` [N, C] (0/1 at the per-label thresholds).
+Outputs: ``probabilities`` [N, C] (the model's temperature applied; averaged over the
+test-time views when the model uses them), ``class_ids``/``class_names``/``scores`` [N, k]
+(top-k), and the model's decision (:mod:`restransfer.models.decision`): ``predictions``, the
+decided class id [N] (single-label: argmax or the chosen binary threshold) or 0/1 [N, C]
+(multi-label, per-label thresholds), and ``prediction_names`` [N] (multi-label: the names
+joined by ",").
 """
 
 from __future__ import annotations
@@ -36,14 +40,14 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _serving_module(model, class_names, image_size, channels, top_k, thresholds, keep_precision):
+def _serving_module(model, class_names, image_size, channels, top_k, decision, keep_precision):
     import tensorflow as tf
 
     from restransfer.data.decoding import decode_image_bytes, resize_image
+    from restransfer.models.decision import graph_probabilities
 
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
-    thresholds = None if thresholds is None else tf.constant(thresholds, tf.float32)
 
     class ServingModule(tf.Module):
         def __init__(self):
@@ -51,17 +55,22 @@ def _serving_module(model, class_names, image_size, channels, top_k, thresholds,
             self.model = model
 
         def _outputs(self, pixels):
-            probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
+            probabilities = graph_probabilities(self.model, pixels, decision.test_time_augmentation)
             scores, ids = tf.math.top_k(probabilities, k=k)
-            outputs = {
+            decided = decision.decide(probabilities, class_names)
+            if decision.rule == "per_label":
+                chosen = tf.ragged.boolean_mask(tf.broadcast_to(names, tf.shape(decided)), decided > 0)
+                decided_names = tf.strings.reduce_join(chosen, axis=1, separator=",")
+            else:
+                decided_names = tf.gather(names, decided)
+            return {
                 "probabilities": probabilities,
                 "class_ids": ids,
                 "class_names": tf.gather(names, ids),
                 "scores": scores,
+                "predictions": decided,
+                "prediction_names": decided_names,
             }
-            if thresholds is not None:
-                outputs["predictions"] = tf.cast(probabilities >= thresholds, tf.int32)
-            return outputs
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
         def predict_images(self, images):
@@ -110,7 +119,7 @@ def write_warmup_requests(path: Path, encoded_images: list[bytes], model_name: s
             writer.write(log.SerializeToString())
 
 
-def _model_card(metadata, class_names, image_size, channels, multi_label, thresholds, top_k, keep_precision):
+def _model_card(metadata, class_names, image_size, channels, decision, top_k, keep_precision):
     import keras
     import tensorflow as tf
 
@@ -120,8 +129,11 @@ def _model_card(metadata, class_names, image_size, channels, multi_label, thresh
     return {
         **(metadata or {}),
         "classes": list(class_names),
-        "task": "multi-label" if multi_label else "single-label",
-        "thresholds": thresholds,
+        "task": "multi-label" if decision.rule == "per_label" else "single-label",
+        "decision": {"description": decision.describe(), **decision.get_config()},
+        "test_time_augmentation": ("served: the probabilities of 5 views (identity, flip, 3 shifts) "
+                                   "are averaged in the graph, as in evaluation"
+                                   if decision.test_time_augmentation else "off"),
         "input": {
             "serving_default": f"image_bytes: tf.string [N] ({', '.join(SERVED_FORMATS)} bytes; REST: "
                                '{"instances": [{"b64": "..."}]}), decoded in the graph by the ops that '
@@ -137,8 +149,8 @@ def _model_card(metadata, class_names, image_size, channels, multi_label, thresh
         },
         "preprocessing": f"decode, bilinear antialiased resize to {image_size}x{image_size}, then "
                          "the backbone's own normalisation (a layer inside the model)",
-        "outputs": ["probabilities", "class_ids", "class_names", "scores"]
-                   + (["predictions"] if thresholds is not None else []),
+        "outputs": ["probabilities", "class_ids", "class_names", "scores", "predictions",
+                    "prediction_names"],
         "top_k": top_k,
         "versions": {"restransfer": restransfer.__version__, "tensorflow": tf.__version__,
                      "keras": keras.__version__},
@@ -147,6 +159,8 @@ def _model_card(metadata, class_names, image_size, channels, multi_label, thresh
 
 def _markdown_card(card: dict) -> str:
     lines = [f"# Model card: {card.get('model_name', 'model')}", ""]
+    if "decision" in card:
+        lines += [f"**Decision**: {card['decision']['description']}.", ""]
     for key, value in card.items():
         lines.append(f"- **{key}**: {json.dumps(value) if not isinstance(value, str) else value}")
     return "\n".join(lines) + "\n"
@@ -160,8 +174,7 @@ def export_saved_model(
     model_name: str = "restransfer",
     version: int | None = None,
     top_k: int = 5,
-    multi_label: bool = False,
-    thresholds: list[float] | None = None,
+    decision=None,
     warmup_images: list[np.ndarray] | None = None,
     metadata: dict | None = None,
     encoded_images: list[bytes | None] | None = None,
@@ -184,9 +197,11 @@ def export_saved_model(
     final = model_dir / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists; exports never overwrite a version")
+    from restransfer.models.heads import find_head
+
     channels = int(model.input_shape[-1])
-    if multi_label and thresholds is None:
-        thresholds = [0.5] * len(class_names)
+    decision = decision or find_head(model).decision
+    decision.check(list(class_names), decision.rule == "per_label")
     if not warmup_images:
         warmup_images = [np.full((image_size, image_size, channels), 128, np.uint8)]
     warmup_images = list(warmup_images[:8])
@@ -194,7 +209,7 @@ def export_saved_model(
     encoded_images = [e if e is not None else encode_png(image) for e, image in zip(encoded_images, warmup_images)]
     staging = model_dir / f".partial-{version}-{uuid.uuid4().hex[:8]}"
     try:
-        module = _serving_module(model, list(class_names), image_size, channels, top_k, thresholds, keep_precision)
+        module = _serving_module(model, list(class_names), image_size, channels, top_k, decision, keep_precision)
         tf.saved_model.save(
             module, str(staging),
             signatures={"serving_default": module.serving_default,
@@ -204,9 +219,10 @@ def export_saved_model(
         (staging / "assets" / "labels.txt").write_text("\n".join(class_names) + "\n")
         write_warmup_requests(staging / "assets.extra" / "tf_serving_warmup_requests", encoded_images,
                               model_name)
-        parity = verify_export(staging, model, warmup_images, encoded_images, image_size)
+        parity = verify_export(staging, model, warmup_images, encoded_images, image_size, decision,
+                               list(class_names))
         card = _model_card({**(metadata or {}), "model_name": model_name, "version": version},
-                           class_names, image_size, channels, multi_label, thresholds, top_k, keep_precision)
+                           class_names, image_size, channels, decision, top_k, keep_precision)
         card["export_parity_max_abs_diff"] = parity
         (staging / "assets.extra" / "model_card.json").write_text(json.dumps(card, indent=2))
         (staging / "assets.extra" / "MODEL_CARD.md").write_text(_markdown_card(card))
@@ -218,25 +234,39 @@ def export_saved_model(
     return final
 
 
-def verify_export(export_dir, model, images: list[np.ndarray], encoded: list[bytes], image_size: int) -> float:
+def verify_export(export_dir, model, images: list[np.ndarray], encoded: list[bytes], image_size: int,
+                  decision, class_names: list[str]) -> float:
     """Loads the export and checks both signatures against the Keras model: ``predict_images``
-    on the decoded pixels, ``serving_default`` on the same images' original bytes.
+    on the decoded pixels, ``serving_default`` on the same images' original bytes; the
+    probabilities and the decision.
 
-    Returns max |dprob|; raises if it exceeds PARITY_TOLERANCE.
+    Returns max |dprob|; raises if it exceeds PARITY_TOLERANCE or a decision differs.
     """
     import tensorflow as tf
 
     from restransfer.data.decoding import resize_image
+    from restransfer.models.decision import model_probabilities
 
     loaded = tf.saved_model.load(str(export_dir))
     diff = 0.0
     for image, original in zip(images, encoded):  # one at a time: originals differ in size
         pixels = np.asarray(image, dtype=np.float32)[None]
-        expected = np.asarray(model.predict(np.asarray(resize_image(pixels, image_size)), verbose=0))
-        by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))["probabilities"]
-        by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant([original]))["probabilities"]
-        diff = max(diff, float(np.abs(by_pixels.numpy() - expected).max()),
-                   float(np.abs(by_bytes.numpy() - expected).max()))
+        expected = model_probabilities(model, np.asarray(resize_image(pixels, image_size)),
+                                       decision.test_time_augmentation)
+        by_pixels = loaded.signatures["predict_images"](images=tf.constant(pixels))
+        by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant([original]))
+        for served in (by_pixels, by_bytes):
+            diff = max(diff, float(np.abs(served["probabilities"].numpy() - expected).max()))
+            if not _decisions_agree(served, decision, class_names):
+                raise RuntimeError(f"exported model decides {served['predictions'].numpy().tolist()} where "
+                                   f"the Keras model's rule decides otherwise ({decision.describe()})")
     if not diff <= PARITY_TOLERANCE:
         raise RuntimeError(f"exported model disagrees with the Keras model: max|dprob|={diff:.3g}")
     return diff
+
+
+def _decisions_agree(served: dict, decision, class_names) -> bool:
+    """The graph's ``predictions`` are the rule's decision on the graph's own probabilities
+    (their closeness to the Keras model's is checked separately)."""
+    expected = np.asarray(decision.decide(served["probabilities"].numpy(), class_names))
+    return bool(np.array_equal(served["predictions"].numpy(), expected))

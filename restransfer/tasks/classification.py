@@ -14,6 +14,7 @@ from restransfer import data as data_lib
 from restransfer.devices import configure_precision
 from restransfer.models import stages as stages_lib
 from restransfer.models.backbones import build_backbone, get_spec
+from restransfer.models.decision import DecisionRule, model_probabilities
 from restransfer.models.heads import ClassifierHead, find_head
 from restransfer.training.losses import compile_model, one_hot_labels
 from restransfer.training.loop import TrainingHistory, run_phases
@@ -128,11 +129,23 @@ class ClassificationRecipe:
             hidden_units=self.head_hidden_units,
             class_names=self.class_names,
             image_contract={"keep_precision": self.keep_precision, "decode_options": self.decode_options},
+            decision=DecisionRule.default(self.multi_label, self.num_classes,
+                                          **self._decision_options()).get_config(),
             name="head",
         )
         self.model = keras.Model(inputs, head(backbone(inputs)), name=f"{self.backbone_name}_classifier")
         self.class_names = head.class_names
         return self.model
+
+    def _decision_options(self) -> dict:
+        """Options of the decision rule a new model starts with (subclasses: test-time views)."""
+        return {}
+
+    @property
+    def decision(self) -> DecisionRule:
+        """The model's decision rule (stored in its head): what ``predict_labels``, the CLI and
+        the SavedModel's ``predictions`` apply."""
+        return find_head(self._require_model()).decision
 
     def _require_model(self) -> keras.Model:
         if self.model is None:
@@ -341,20 +354,25 @@ class ClassificationRecipe:
         resized = np.stack(
             [np.asarray(data_lib.resize_image(image, self.image_size)) for image in images]
         )
-        return model.predict(resized, batch_size=batch_size or self.batch_size, verbose=0)
+        return model_probabilities(model, resized, self.decision.test_time_augmentation,
+                                   batch_size=batch_size or self.batch_size)
 
     def predict_dataset(self, data) -> np.ndarray:
         """Probabilities for every image of labelled data (folder, ImageData, ...), in order."""
         source = data if _is_tf_dataset(data) else self._as_data(data, split="test")
         images_only = self._pipeline(source, training=False).map(lambda x, *_: x)
-        return self._require_model().predict(images_only, verbose=0)
+        return model_probabilities(self._require_model(), images_only, self.decision.test_time_augmentation)
+
+    def decide(self, probabilities) -> list:
+        """The model's decision (its :attr:`decision` rule) for rows of probabilities: a class
+        name per image (single-label) or a list of names per image (multi-label)."""
+        rule = self.decision
+        return rule.names(rule.decide(probabilities, self.class_names), self.class_names)
 
     def predict_labels(self, images) -> list:
-        """Class names (single-label) or lists of names above 0.5 (multi-label)."""
-        probabilities = self.predict(images)
-        if self.multi_label:
-            return [[self.class_names[j] for j in np.flatnonzero(row > 0.5)] for row in probabilities]
-        return [self.class_names[i] for i in probabilities.argmax(axis=1)]
+        """Decided class names for images (see :meth:`decide`): argmax, a binary threshold
+        chosen by a medical recipe, or per-label thresholds (0.5 unless chosen)."""
+        return self.decide(self.predict(images))
 
     def export(self, out_dir, model_name: str | None = None, version: int | None = None,
                top_k: int = 5, warmup_images=None, thresholds=None) -> Path:
@@ -366,10 +384,15 @@ class ClassificationRecipe:
             print(f"worker {self.worker.index}: only the chief exports; nothing written")
             return Path(out_dir)
         decoded, encoded = self._export_samples(warmup_images)
+        decision = self.decision
+        if thresholds is not None:  # per-label thresholds for this export only
+            decision = DecisionRule("per_label", thresholds=[float(t) for t in thresholds],
+                                    test_time_augmentation=decision.test_time_augmentation)
+            decision.check(self.class_names, self.multi_label)
         return export_saved_model(
             self._require_model(), out_dir, class_names=self.class_names,
             image_size=self.image_size, model_name=model_name or self.backbone_name,
-            version=version, top_k=top_k, multi_label=self.multi_label, thresholds=thresholds,
+            version=version, top_k=top_k, decision=decision,
             warmup_images=decoded, encoded_images=encoded, keep_precision=self.keep_precision,
             metadata=self.describe(),
         )
@@ -428,6 +451,11 @@ class ClassificationRecipe:
         return path
 
     @classmethod
+    def _options_saved_in(cls, head) -> dict:
+        """Constructor arguments the head's saved decision rule implies (subclasses)."""
+        return {}
+
+    @classmethod
     def load(cls, path: str | os.PathLike, safe_mode: bool = True, **options) -> "ClassificationRecipe":
         """Loads a model saved by :meth:`save`. ``safe_mode`` (Keras) refuses code in the file.
         ``options``: further constructor arguments (e.g. a run's medical options); what the
@@ -449,6 +477,7 @@ class ClassificationRecipe:
             "head_dropout": head.dropout_rate,
             "head_hidden_units": head.hidden_units,
             **({"decode_options": contract["decode_options"]} if "decode_options" in contract else {}),
+            **cls._options_saved_in(head),
         })
         recipe.keep_precision = bool(contract.get("keep_precision", False))
         recipe.model = model

@@ -5,18 +5,23 @@
 * imbalance: class weights from the training split (scikit-learn's "balanced"), focal loss;
 * evaluation: a threshold chosen on validation and applied unchanged to test, AUC,
   sensitivity, specificity, PPV, NPV with bootstrap CIs, ECE and optional temperature
-  scaling, per-patient pooling, test-time augmentation;
+  scaling, per-patient pooling, test-time augmentation. The threshold, positive class,
+  temperature and test-time views are stored in the model (its head's decision rule), so
+  ``predict_labels``, ``restransfer predict`` and TF Serving decide as the report says;
 * Grad-CAM overlays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from restransfer import data as data_lib
 from restransfer.evaluation import metrics
+from restransfer.models.decision import DecisionRule
+from restransfer.models.heads import find_head
 from restransfer.tasks.classification import ClassificationRecipe
 
 
@@ -32,8 +37,36 @@ class MedicalImagingRecipe(ClassificationRecipe):
         self.class_weight, self.focal_gamma = class_weight, focal_gamma  # imbalance
         self.threshold_method, self.target_sensitivity = threshold_method, target_sensitivity
         self.positive_class, self.tta, self.temperature_scaling = positive_class, tta, temperature_scaling
-        self.threshold: float | None = None
-        self.temperature: float = 1.0
+
+    @property
+    def tta(self) -> bool:
+        """Test-time augmentation; part of the model's decision rule once there is a model."""
+        return self.decision.test_time_augmentation if self.model is not None else self._tta
+
+    @tta.setter
+    def tta(self, value: bool) -> None:
+        self._tta = bool(value)
+        if self.model is not None:
+            head = find_head(self.model)
+            head.set_decision(dataclasses.replace(head.decision, test_time_augmentation=self._tta))
+
+    @property
+    def threshold(self) -> float | None:
+        """The binary decision threshold stored in the model (None until :meth:`calibrate`)."""
+        return self.decision.threshold if self.model is not None else None
+
+    @property
+    def temperature(self) -> float:
+        return float(find_head(self.model).temperature.numpy()) if self.model is not None else 1.0
+
+    def _decision_options(self) -> dict:
+        return {"test_time_augmentation": self._tta}
+
+    @classmethod
+    def _options_saved_in(cls, head) -> dict:
+        rule = head.decision
+        return {"tta": rule.test_time_augmentation,
+                **({"positive_class": rule.positive_class} if rule.positive_class else {})}
 
     # --- training -------------------------------------------------------------------------
 
@@ -49,40 +82,38 @@ class MedicalImagingRecipe(ClassificationRecipe):
             options["class_weight"] = {int(k): float(v) for k, v in self.class_weight.items()}
         return options
 
-    # --- prediction ------------------------------------------------------------------------
-
-    def predict_dataset(self, data) -> np.ndarray:
-        """Probabilities in order; with ``tta``, averaged over flips and small shifts; with
-        a fitted temperature, recalibrated."""
-        if not self.tta:
-            probabilities = super().predict_dataset(data)
-        else:
-            source = self._as_data(data, split="test")
-            views = []
-            for transform in _TTA:
-                images = self._pipeline(source, training=False).map(lambda x, *_: transform(x))
-                views.append(self._require_model().predict(images, verbose=0))
-            probabilities = np.mean(views, axis=0)
-        return _recalibrate(probabilities, self.temperature) if self.temperature != 1.0 else probabilities
-
     # --- clinical evaluation ---------------------------------------------------------------
 
     def _positive_index(self) -> int:
         if self.positive_class is not None:
+            if self.positive_class not in self.class_names:
+                raise ValueError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
             return self.class_names.index(self.positive_class)
         return 1
 
-    def calibrate(self, validation_data) -> dict:
-        """Chooses the decision threshold (and, if asked, a temperature) on validation data."""
+    def calibrate(self, validation_data, split: str = "val") -> dict:
+        """Chooses the decision threshold (and, if asked, a temperature) on validation data
+        and stores them in the model. ``split`` names that data in the model card."""
+        head = find_head(self._require_model())
+        head.temperature.assign(1.0)  # calibrate the model's own probabilities, not a previous fit
         val = self._as_data(validation_data, split="val")
         probabilities = self.predict_dataset(val)
         if self.temperature_scaling and not self.multi_label:
-            self.temperature = metrics.fit_temperature(val.labels, np.log(np.clip(probabilities, 1e-7, 1)))
-            probabilities = _recalibrate(probabilities, self.temperature)
+            temperature = metrics.fit_temperature(val.labels, np.log(np.clip(probabilities, 1e-7, 1)))
+            head.temperature.assign(temperature)
+            probabilities = self.predict_dataset(val)
         if len(self.class_names) == 2 and not self.multi_label:
-            self.threshold = metrics.choose_threshold(
-                (val.labels == self._positive_index()).astype(int), probabilities[:, self._positive_index()],
-                self.threshold_method, self.target_sensitivity)
+            positive = self._positive_index()
+            truth, scores = (val.labels == positive).astype(int), probabilities[:, positive]
+            threshold = metrics.choose_threshold(truth, scores, self.threshold_method, self.target_sensitivity)
+            there = metrics.binary_report(truth, scores, threshold, bootstrap=0)
+            method = ("Youden's J" if self.threshold_method == "youden"
+                      else f"sensitivity >= {self.target_sensitivity}")
+            head.set_decision(DecisionRule(
+                "threshold", positive_class=self.class_names[positive], threshold=threshold,
+                test_time_augmentation=self.tta,
+                chosen_on={"split": split, "images": int(len(val)), "method": method,
+                           "figures": {k: there[k] for k in ("sensitivity", "specificity", "auc") if k in there}}))
         return {"threshold": self.threshold, "temperature": self.temperature}
 
     def evaluate_clinical(self, test_data, groups=None, bootstrap: int = 1000) -> dict:
@@ -91,8 +122,9 @@ class MedicalImagingRecipe(ClassificationRecipe):
         test = self._as_data(test_data, split="test")
         probabilities = self.predict_dataset(test)
         if self.multi_label:
+            thresholds = self.decision.thresholds
             return {"per_label": {name: metrics.binary_report(test.labels[:, j], probabilities[:, j],
-                                                              0.5, bootstrap=bootstrap)
+                                                              thresholds[j], bootstrap=bootstrap)
                                   for j, name in enumerate(self.class_names)}}
         report = {"auc": metrics.multiclass_auc(test.labels, probabilities),
                   "ece": metrics.expected_calibration_error(test.labels, probabilities),
@@ -131,27 +163,3 @@ class MedicalImagingRecipe(ClassificationRecipe):
             overlay_png(image, heat, path)
             written.append(path)
         return written
-
-
-def _recalibrate(probabilities, temperature):
-    logits = np.log(np.clip(probabilities, 1e-7, 1.0)) / temperature
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _shift(pixels, dy, dx):
-    import tensorflow as tf
-
-    size = tf.shape(pixels)[1:3]
-    padded = tf.pad(pixels, [[0, 0], [abs(dy), abs(dy)], [abs(dx), abs(dx)], [0, 0]], mode="REFLECT")
-    return tf.image.crop_to_bounding_box(padded, abs(dy) + dy, abs(dx) + dx, size[0], size[1])
-
-
-# identity, horizontal flip, and 4-pixel shifts: small changes a reader would not notice
-_TTA = [
-    lambda x: x,
-    lambda x: x[:, :, ::-1, :],
-    lambda x: _shift(x, 4, 0),
-    lambda x: _shift(x, 0, 4),
-    lambda x: _shift(x, -4, -4),
-]

@@ -53,4 +53,6 @@ def test_quickstart_fine_tunes_and_exports(tmp_path):
     predicted = run("predict", str(tmp_path / "run" / "model.keras"), "--json",
                     str(REPO / "tests" / "fixtures" / "digit7.png"))
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)[0]["top"][0]["class"] == "7"
+    answer = json.loads(predicted.stdout)
+    assert answer["results"][0]["top"][0]["class"] == "7" and answer["results"][0]["decision"] == "7"
+    assert answer["decision_rule"] == "the most probable class"

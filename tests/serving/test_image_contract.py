@@ -142,7 +142,7 @@ def test_cli_predict_is_the_same_door(exported, corpus):
     result = subprocess.run([sys.executable, "-m", "restransfer", "predict", str(model_path), *files,
                              "--json", "--top-k", "3"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-1500:]
-    for item, path in zip(json.loads(result.stdout), files):
+    for item, path in zip(json.loads(result.stdout)["results"], files):
         expected = recipe.predict([path])[0]
-        got = {top["class"]: top["probability"] for top in item["top"]}
-        np.testing.assert_allclose([got[name] for name in recipe.class_names], expected, atol=TOLERANCE)
+        np.testing.assert_allclose([item["probabilities"][name] for name in recipe.class_names], expected,
+                                   atol=TOLERANCE)
