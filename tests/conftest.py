@@ -41,3 +41,20 @@ def tiny_folder(tmp_path):
                 suffix = ".png" if i % 2 else ".jpg"
                 write_image(tmp_path / split / label / f"{label}{i}{suffix}", pixels)
     return tmp_path
+
+
+def scans_npz(path, counts=(("train", 96), ("val", 40), ("test", 30)), positives=0.35, seed=0):
+    """A MedMNIST-style .npz of 1-channel 28x28 'scans' (``<split>_images``, ``<split>_labels``
+    of shape (N, 1)); a bright 8x8 square marks a lesion (label 1). Returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in counts:
+        images = rng.uniform(20, 90, (count, 28, 28)).astype(np.uint8)
+        labels = (rng.random(count) < positives).astype(np.int64)
+        for image, label in zip(images, labels):
+            if label:
+                y, x = rng.integers(2, 18, 2)
+                image[y:y + 8, x:x + 8] = 220
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+    return arrays

@@ -16,7 +16,29 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Loads TensorFlow without its start-up noise (C++ and absl lines about CUDA stubs,
+    cuInit, CPU features), unless ``RESTRANSFER_DEBUG=1`` or TF_CPP_MIN_LOG_LEVEL asks for
+    TensorFlow's info/warnings (0 or 1). Python warnings are still shown.
+
+    absl writes its lines from before its own initialisation straight to file descriptor 2,
+    whatever TF_CPP_MIN_LOG_LEVEL says, so fd 2 points at /dev/null while TensorFlow loads
+    and finds its devices."""
+    if os.environ.get("RESTRANSFER_DEBUG") == "1" or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tf.get_logger().setLevel("ERROR")  # e.g. tf.function retracing notices
 
 
 def cmd_backbones(args) -> int:
@@ -87,15 +109,23 @@ def cmd_quickstart(args) -> int:
     )
     print(f"fine-tuning {args.backbone} (weights: {args.weights or 'random init'}) on {source}: "
           f"{len(train)} train / {len(val) if val is not None else 0} val images, {image_size}px")
-    recipe.fit(train, validation_data=val, verbose=2)
+    recipe.fit(train, validation_data=val)
+    from restransfer.cli.runs import report_run
+
     held_out = test if test is not None else val
+    roles = {"val_*": "validation split: early stopping kept its best epoch on it, so its figures are optimistic",
+             **({"test_*": "test split: nothing was tuned on it"} if test is not None else {})}
+    out.mkdir(parents=True, exist_ok=True)
+    report_run(recipe, out, "restransfer quickstart", splits, roles)
     metrics = recipe.evaluate(held_out)
-    print(f"held-out accuracy: {metrics['accuracy']:.3f} ({len(held_out)} images)")
+    print(f"held-out accuracy: {metrics['accuracy']:.3f} ({len(held_out)} images, "
+          f"{'test' if test is not None else 'validation'} split)")
     model_path = recipe.save(out / "model.keras")
     export_dir = recipe.export(out / "export", model_name="restransfer", warmup_images=held_out)
-    (out / "metrics.json").write_text(json.dumps({"test": metrics, "source": source}, indent=2))
-    print(f"model:  {model_path}\nexport: {export_dir}  (TensorFlow Serving: --model_base_path="
-          f"{export_dir.parent.resolve()})")
+    (out / "metrics.json").write_text(json.dumps(
+        {"test" if test is not None else "val": metrics, "source": source, "splits": roles}, indent=2))
+    print(f"model:  {model_path}\nreport: {out / 'report.html'}\nexport: {export_dir}  "
+          f"(TensorFlow Serving: --model_base_path={export_dir.parent.resolve()})")
     return EXIT_OK
 
 
@@ -140,7 +170,7 @@ def cmd_train(args) -> int:
     from restransfer.cli import runs
 
     run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
-                         verbose=2 if args.quiet_progress else "auto")
+                         verbose="lines" if args.quiet_progress else args.progress)
     if args.json:
         metrics_file = run_dir / "metrics.json"  # absent on a multi-worker run's other workers
         print(json.dumps({"run_dir": str(run_dir),
@@ -239,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set fine_tune[0].epochs=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the existing run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--quiet-progress", action="store_true", help="one line per epoch instead of bars")
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
+                   help="auto: a live bar on a terminal, one line per epoch otherwise (log files)")
+    p.add_argument("--quiet-progress", action="store_true", help="the same as --progress lines")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -161,35 +161,79 @@ def _callbacks(run_dir: Path, tag: str = ""):
                                         write_graph=False, profile_batch=0)]
 
 
-def _predictions(recipe, data):
-    """Probabilities (as ``predict`` gives them) and the first (resized) images of ``data``,
-    in order, for the report."""
-    images = []
+def _images_at(recipe, data, indices) -> dict:
+    """index -> the (resized) image the model saw, for just these indices of ``data``."""
+    wanted, found, start = set(int(i) for i in indices), {}, 0
+    if not wanted:
+        return found
     for batch_images, _ in recipe._pipeline(data, training=False):
-        images.extend(batch_images.numpy()[: 400 - len(images)])  # a grid needs few
-        if len(images) >= 400:
+        for offset in range(len(batch_images)):
+            if start + offset in wanted:
+                found[start + offset] = batch_images[offset].numpy()
+        start += len(batch_images)
+        if len(found) == len(wanted):
             break
-    return recipe.predict_dataset(data), np.asarray(images)
+    return found
 
 
-def _evaluate_and_report(recipe, run_dir: Path, config: RecipeConfig, val, test, title: str,
-                         extra_images=()):
-    from restransfer.evaluation.report import write_report
+def _headline(metrics: dict, clinical: dict | None, split_notes: dict) -> list:
+    """(figure, value, split) rows for the report's summary: the test split's when there is one."""
+    from restransfer.evaluation.report import with_ci
 
+    if clinical and "binary" in clinical:
+        binary = clinical["binary"]
+        return [(name, with_ci(binary, key), clinical["figures_on"])
+                for name, key in (("AUC", "auc"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))]
+    for prefix in ("test", "val"):
+        if f"{prefix}_accuracy" in metrics:
+            role = split_notes.get(f"{prefix}_*", prefix)
+            return [("accuracy", f"{metrics[f'{prefix}_accuracy']:.3f}", role)] + \
+                   ([("AUC", f"{metrics[f'{prefix}_auc']:.3f}", role)] if f"{prefix}_auc" in metrics else [])
+    return []
+
+
+def report_run(recipe, run_dir: Path, title: str, splits: data_lib.Splits, split_notes: dict, *,
+               task: str = "classification", clinical: dict | None = None, clinical_data=None,
+               extra_images=(), shown_split: str = "validation") -> dict:
+    """Evaluates the validation and test parts and writes ``run_dir/report.html``; returns
+    the metrics (``val_*``, ``test_*``). The page's plots are on the validation part (named
+    ``shown_split``); ``clinical`` (with the data its figures are on) adds the clinical section."""
+    from restransfer.evaluation import report as report_lib
+
+    val, test = splits.val, splits.test
     metrics = {}
     for name, part in (("val", val), ("test", test)):
         if part is not None:
             metrics.update({f"{name}_{k}": v for k, v in recipe.evaluate(part).items()})
-    if val is not None:
-        probabilities, images = _predictions(recipe, val)
-        grid_images = images if len(images) == len(val) else None
-        notes = [f"backbone {config.backbone.name}, weights {config.backbone.weights}",
-                 f"{len(recipe.skipped)} unusable file(s) skipped",
-                 f"decision: {recipe.decision.describe()}"]
-        decisions = np.asarray(recipe.decision.decide(probabilities, recipe.class_names))
-        write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, val.labels,
-                     probabilities, grid_images, multi_label=recipe.multi_label, metrics=metrics,
-                     notes=notes, extra_images=extra_images, decisions=decisions)
+    shown = val if val is not None else test
+    if shown is None:
+        return metrics
+    probabilities = recipe.predict_dataset(shown)
+    decisions = np.asarray(recipe.decision.decide(probabilities, recipe.class_names))
+    images = None
+    if not recipe.multi_label:
+        wrong = report_lib.most_confident_wrong(shown.labels, decisions, probabilities.max(axis=1))
+        images = _images_at(recipe, shown, wrong)
+    described = recipe.describe()
+    summary = {"task": task, "backbone": described["backbone"], "weights": described["weights"],
+               "splits": {name: len(part) for name, part in splits.items()},
+               "decision": recipe.decision.describe(), "headline": _headline(metrics, clinical, split_notes)}
+    plots = (None, None)
+    if clinical and "binary" in clinical and clinical_data is not None:
+        scores = recipe.predict_dataset(clinical_data)
+        positive = recipe.class_names.index(recipe.decision.positive_class)
+        truth = (np.asarray(clinical_data.labels) == positive).astype(int)
+        on = clinical["figures_on"].split(":")[0]
+        plots = (report_lib.operating_point_png(truth, scores[:, positive], recipe.decision.threshold, on,
+                                                recipe.class_names[positive]),
+                 report_lib.calibration_png(np.eye(len(recipe.class_names))[clinical_data.labels], scores,
+                                            on, temperature=recipe.temperature))
+    notes = [f"{len(recipe.skipped)} unusable file(s) skipped",
+             *(f"{key}: {role}" for key, role in split_notes.items())]
+    report_lib.write_report(run_dir / "report.html", title, recipe.history, recipe.class_names, shown.labels,
+                            probabilities, images, multi_label=recipe.multi_label, metrics=metrics,
+                            notes=notes, extra_images=extra_images, decisions=decisions, summary=summary,
+                            clinical=clinical, clinical_plots=plots, split=shown_split)
     return metrics
 
 
@@ -230,7 +274,31 @@ def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="aut
     return run_dir
 
 
+def _trim_epoch_log(csv_path: Path, state_path: Path) -> None:
+    """Resuming: drops metrics.csv rows of epochs after the checkpoint (a kill can land
+    between the log's row and the checkpoint), so each epoch appears once."""
+    if not (csv_path.is_file() and state_path.is_file()):
+        return
+    done = json.loads(state_path.read_text())["epoch"]
+    lines = csv_path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < done]
+    csv_path.write_text("".join(kept))
+
+
+def split_roles(config, tuned_val: bool, test: bool) -> dict:
+    """Which split each reported figure comes from and what was tuned on it."""
+    tuned = [what for what, on in (("early stopping kept its best epoch", bool(config.training.early_stopping_patience)),
+                                   ("the decision threshold was chosen", config.task == "medical")) if on]
+    roles = {"val_*": "validation split" + (f": {' and '.join(tuned)} on it, so its figures are optimistic"
+                                            if tuned and tuned_val else ": nothing was tuned on it")}
+    if test:
+        roles["test_*"] = "test split: nothing was tuned on it"
+    return roles
+
+
 def _fit(recipe, splits: data_lib.Splits, run_dir: Path, resume: bool, verbose, callbacks) -> None:
+    if resume:
+        _trim_epoch_log(run_dir / "metrics.csv", run_dir / "checkpoints" / "state.json")
     recipe.fit(splits.train, validation_data=splits.val, callbacks=list(callbacks), verbose=verbose,
                checkpoint_dir=run_dir / "checkpoints", resume=resume)
 
@@ -253,10 +321,13 @@ def _train_single(config, recipe, splits: data_lib.Splits, run_dir: Path, resume
         clinical = _clinical(recipe, config, val, test if test is not None else val, run_dir,
                              tuned_on="val", scored_on=scored_on)
         recipe.save(model_path)  # the chosen threshold/temperature travel with the model
-    metrics = _evaluate_and_report(recipe, run_dir, config, val, test, f"restransfer run: {config.name}",
-                                   extra_images=sorted((run_dir / "gradcam").glob("*.png")))
+    metrics = report_run(recipe, run_dir, f"restransfer run: {config.name}", splits,
+                         split_roles(config, tuned_val=True, test=test is not None), task=config.task,
+                         clinical=clinical, clinical_data=test if test is not None else val,
+                         extra_images=sorted((run_dir / "gradcam").glob("*.png")))
     if clinical is not None:
         metrics["clinical"] = clinical
+    metrics["splits"] = split_roles(config, tuned_val=True, test=test is not None)
     metrics["skipped_files"] = [{"path": s.path, "reason": s.reason} for s in recipe.skipped]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if config.export.enabled:
@@ -295,6 +366,10 @@ def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) ->
     """Stratified (group-aware) k-fold: a fresh model per fold, metrics per fold + mean/sd."""
     from sklearn.metrics import roc_auc_score
 
+    from restransfer.training.progress import RunProgress, progress_mode
+
+    clock = RunProgress(config.data.cv_folds * sum(p.epochs for p in recipe_from_config(config).phases),
+                        progress_mode(verbose))
     folds = []
     for index, (train_part, val_part) in enumerate(data_lib.kfold(everything, config.data.cv_folds, config.seed)):
         print(f"fold {index + 1}/{config.data.cv_folds}: {len(train_part)} train, {len(val_part)} val")
@@ -306,22 +381,23 @@ def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) ->
 
         keras.backend.clear_session()
         recipe = recipe_from_config(config, class_names=everything.class_names)
-        if config.task == "medical":
-            # the held-out fold is the test set; a slice of the training part chooses the
-            # threshold (and drives early stopping), so nothing is tuned on the test fold
-            fit_part, threshold_part = data_lib.stratified_split(
-                train_part, config.medical.threshold_val_fraction, config.seed)
-        else:
-            fit_part, threshold_part = train_part, val_part
+        # the held-out fold is the test set; a slice of the training part drives early
+        # stopping (and chooses a medical threshold), so nothing is tuned on the held-out fold
+        inner = config.medical.threshold_val_fraction if config.task == "medical" else config.data.val_fraction
+        fit_part, threshold_part = data_lib.stratified_split(train_part, inner, config.seed)
+        clock.label = f"fold {index + 1}/{config.data.cv_folds}"
         recipe.fit(fit_part, validation_data=threshold_part,
-                   callbacks=_callbacks(run_dir, f"_fold{index + 1}"), verbose=verbose)
+                   callbacks=[*_callbacks(run_dir, f"_fold{index + 1}"), clock], verbose=verbose)
         clinical = _clinical(recipe, config, threshold_part, val_part, fold_dir,
                              tuned_on=f"{config.medical.threshold_val_fraction:.0%} of fold {index + 1}'s training part",
                              scored_on=f"fold {index + 1} (held out)") if config.task == "medical" else None
         recipe.save(fold_dir / "model.keras")
-        metrics = _evaluate_and_report(recipe, fold_dir, config, val_part, None,
-                                       f"{config.name}: fold {index + 1}/{config.data.cv_folds}",
-                                       extra_images=sorted((fold_dir / "gradcam").glob("*.png")))
+        metrics = report_run(recipe, fold_dir, f"{config.name}: fold {index + 1}/{config.data.cv_folds}",
+                             data_lib.Splits(fit_part, val_part),
+                             {"val_*": f"fold {index + 1}, held out: nothing was tuned on it"},
+                             task=config.task, clinical=clinical, clinical_data=val_part,
+                             extra_images=sorted((fold_dir / "gradcam").glob("*.png")),
+                             shown_split=f"fold {index + 1}, held out")
         if clinical is not None:
             binary = clinical.get("binary", {})
             metrics.update({f"test_{k}": binary[k] for k in ("auc", "sensitivity", "specificity", "accuracy")
@@ -334,7 +410,14 @@ def _cross_validate(config: RecipeConfig, everything, run_dir: Path, verbose) ->
     keys = sorted(set.intersection(*(set(f) for f in folds)))
     summary = {k: {"mean": statistics.mean(f[k] for f in folds), "sd": statistics.stdev(f[k] for f in folds)}
                for k in keys}
-    (run_dir / "metrics.json").write_text(json.dumps({"folds": folds, "summary": summary}, indent=2))
+    roles = {"val_*, test_*": "each fold's held-out part: nothing was tuned on it (early stopping and "
+                              "thresholds used a slice of that fold's training part)"}
+    (run_dir / "metrics.json").write_text(json.dumps({"folds": folds, "summary": summary, "splits": roles},
+                                                     indent=2))
+    from restransfer.evaluation.report import folds_section, write_page
+
+    write_page(run_dir / "report.html", f"restransfer run: {config.name} ({config.data.cv_folds}-fold)",
+               folds_section(folds, summary) + f"<p>{roles['val_*, test_*']}</p>")
     for key, value in summary.items():
         print(f"{key}: {value['mean']:.4f} ± {value['sd']:.4f}")
     print(f"run directory: {run_dir}")

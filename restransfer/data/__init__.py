@@ -17,11 +17,13 @@ from restransfer.data.decoding import (IMAGE_EXTENSIONS, SERVED_FORMATS, check_i
 from restransfer.data.pipeline import epoch_order, make_pipeline
 from restransfer.data.sources import (BadImagesError, ImageData, SkippedFile, as_image_data, check_files,
                                       from_arrays, from_csv, from_npz, from_tfds, image_folder, sklearn_digits)
-from restransfer.data.splits import (SPLIT_DIR_NAMES, Splits, find_duplicates, find_split_dir, has_part, kfold,
-                                     resolve_splits, stratified_split, train_val_test_split, write_split)
+from restransfer.data.splits import (SPLIT_DIR_NAMES, Splits, content_digests, find_duplicates, find_split_dir,
+                                     has_part, kfold, resolve_splits, split_groups, stratified_split,
+                                     train_val_test_split, write_split)
 
 __all__ = ["IMAGE_EXTENSIONS", "SERVED_FORMATS", "SPLIT_DIR_NAMES", "BadImagesError", "ImageData", "SkippedFile",
-           "Splits", "as_image_data", "check_files", "check_image", "decode_image_bytes", "epoch_order",
+           "Splits", "as_image_data", "check_files", "check_image", "content_digests", "decode_image_bytes",
+           "epoch_order", "split_groups",
            "find_duplicates", "find_split_dir", "from_arrays", "from_csv", "from_npz", "from_tfds", "has_part",
            "image_folder", "is_client_side", "kfold", "load_image", "make_pipeline", "resize_image",
            "resolve_splits", "sklearn_digits", "stratified_split", "train_val_test_split", "write_split"]

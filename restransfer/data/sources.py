@@ -156,7 +156,7 @@ def check_files(paths: list[str], progress: bool = True, decode_options=None) ->
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         reasons = list(
             tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
-                 unit="img", disable=not progress or len(paths) < 50, leave=False)
+                 unit="img", disable=None if progress and len(paths) >= 50 else True, leave=False)
         )
     return {path: reason for path, reason in zip(paths, reasons) if reason}
 

@@ -38,16 +38,63 @@ def _strata(data: ImageData) -> np.ndarray:
     return np.where(data.labels.any(axis=1), data.labels.argmax(axis=1), -1)
 
 
+def content_digests(data: ImageData) -> list[str] | None:
+    """SHA-256 of each image's file (or array) content; None for streamed sources."""
+    import hashlib
+
+    if data.paths is not None:
+        return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in data.paths]
+    if data.images is not None:
+        return [hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in data.images]
+    return None
+
+
+def split_groups(data: ImageData) -> np.ndarray | None:
+    """What must stay on one side of any split: the user's groups (e.g. patients), with
+    identical images (same content) joined into one group, so a duplicate can never be on
+    both sides of a train/validation/test split or of two cross-validation folds. None when
+    there are neither groups nor duplicates."""
+    digests = content_digests(data)
+    groups = [str(g) for g in data.groups] if data.groups is not None else None
+    if digests is None or len(set(digests)) == len(digests):
+        return data.groups
+    # union-find over images: same group or same content -> same component
+    parent = list(range(len(digests)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_by_key = {}
+    for i, key in enumerate(digests):
+        for k in (("content", key),) + ((("group", groups[i]),) if groups else ()):
+            if k in first_by_key:
+                parent[root(i)] = root(first_by_key[k])
+            else:
+                first_by_key[k] = i
+    return np.array([root(i) for i in range(len(digests))])
+
+
+def _enough_groups(groups, folds: int) -> None:
+    if groups is not None and len(set(groups)) < folds:
+        raise ValueError(f"only {len(set(groups))} distinct images/groups (identical images count once, "
+                         f"and a group stays on one side): too few for {folds} parts")
+
+
 def stratified_split(data: ImageData, val_fraction: float = 0.2, seed: int = 0):
-    """Splits into (train, val) keeping class proportions; with ``data.groups`` no group
-    lands on both sides (StratifiedGroupKFold with ~1/val_fraction folds)."""
+    """Splits into (train, val) keeping class proportions; groups (and identical images, see
+    :func:`split_groups`) never land on both sides (StratifiedGroupKFold, ~1/val_fraction folds)."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
     indices = np.arange(len(data))
-    if data.groups is not None:
+    groups = split_groups(data)
+    if groups is not None:
         folds = max(2, int(round(1.0 / val_fraction)))
+        _enough_groups(groups, folds)
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        train_idx, val_idx = next(splitter.split(indices, _strata(data), data.groups))
+        train_idx, val_idx = next(splitter.split(indices, _strata(data), groups))
     else:
         train_idx, val_idx = train_test_split(
             indices, test_size=val_fraction, random_state=seed, stratify=_strata(data)
@@ -63,13 +110,16 @@ def train_val_test_split(data: ImageData, val_fraction=0.15, test_fraction=0.15,
 
 
 def kfold(data: ImageData, n_splits: int = 5, seed: int = 0):
-    """Yields (train, val) for stratified k-fold, group-aware when ``data.groups`` is set."""
+    """Yields (train, val) for stratified k-fold; groups and identical images (see
+    :func:`split_groups`) stay inside one fold."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     indices = np.arange(len(data))
-    if data.groups is not None:
+    groups = split_groups(data)
+    if groups is not None:
+        _enough_groups(groups, n_splits)
         folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(
-            indices, _strata(data), data.groups)
+            indices, _strata(data), groups)
     else:
         folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(indices, _strata(data))
     for train_idx, val_idx in folds:
@@ -99,10 +149,8 @@ def write_split(path: str | os.PathLike, parts: dict[str, ImageData]) -> Path:
 
 def find_duplicates(first: ImageData, second: ImageData) -> list[tuple[str, str]]:
     """Pairs of files with identical content across two file-based sources (SHA-256)."""
-    import hashlib
-
     def digests(part):
-        return {hashlib.sha256(Path(p).read_bytes()).hexdigest(): p for p in part.paths or []}
+        return dict(zip(content_digests(part) or [], part.paths or []))
 
     seen = digests(first)
     return [(seen[h], p) for h, p in digests(second).items() if h in seen]

@@ -42,8 +42,9 @@ def grad_cam(model, image: np.ndarray, stage: str = "stage4", class_index: int |
     return cam / top if top > 0 else cam
 
 
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, path, alpha: float = 0.45) -> None:
-    """Writes the image with the heat map laid over it (jet colour map) as a PNG."""
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, path, alpha: float = 0.45, display: int = 256) -> None:
+    """Writes a PNG of the image and, beside it, the image with the heat map laid over it
+    (jet colour map), each upsampled to ``display`` pixels so a small input can be read."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,4 +56,10 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, path, alpha: float = 0.4
         base = np.repeat(base, 3, axis=-1)
     colour = colormaps["jet"](heatmap)[..., :3] * 255.0
     blended = (1 - alpha) * base + alpha * colour
-    Image.fromarray(blended.astype(np.uint8)).save(path)
+    scale = max(1, -(-display // max(base.shape[:2])))
+    panels = [Image.fromarray(p.astype(np.uint8)).resize((base.shape[1] * scale, base.shape[0] * scale),
+                                                          Image.Resampling.BICUBIC) for p in (base, blended)]
+    sheet = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), "white")
+    sheet.paste(panels[0], (0, 0))
+    sheet.paste(panels[1], (panels[0].width + 8, 0))
+    sheet.save(path)

@@ -36,10 +36,20 @@ def _rates(y_true, predicted):
             "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]}
 
 
+def _interval(samples) -> list[float]:
+    """Percentile 95 % interval of the defined samples (PPV is undefined when a resample
+    decides nothing positive)."""
+    values = np.asarray(samples, dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
 def binary_report(y_true, scores, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict:
     """AUC, sensitivity, specificity, PPV, NPV, accuracy at ``threshold`` (predict positive
     when score >= threshold), with percentile bootstrap 95 % intervals for AUC,
-    sensitivity and specificity."""
+    sensitivity, specificity, PPV and NPV."""
     from sklearn.metrics import roc_auc_score
 
     y_true, scores = np.asarray(y_true).astype(int), np.asarray(scores, dtype=float)
@@ -47,17 +57,16 @@ def binary_report(y_true, scores, threshold: float, bootstrap: int = 1000, seed:
               **_rates(y_true, (scores >= threshold).astype(int)), "n": int(len(y_true))}
     if bootstrap:
         rng = np.random.default_rng(seed)
-        samples = {"auc": [], "sensitivity": [], "specificity": []}
+        samples = {"auc": [], "sensitivity": [], "specificity": [], "ppv": [], "npv": []}
         for _ in range(bootstrap):
             index = rng.integers(0, len(y_true), len(y_true))
             if len(np.unique(y_true[index])) < 2:
                 continue  # AUC needs both classes
             samples["auc"].append(roc_auc_score(y_true[index], scores[index]))
             rates = _rates(y_true[index], (scores[index] >= threshold).astype(int))
-            samples["sensitivity"].append(rates["sensitivity"])
-            samples["specificity"].append(rates["specificity"])
-        report["ci95"] = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
-                          for k, v in samples.items()}
+            for key in ("sensitivity", "specificity", "ppv", "npv"):
+                samples[key].append(rates[key])
+        report["ci95"] = {k: _interval(v) for k, v in samples.items()}
     return report
 
 

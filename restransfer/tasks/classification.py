@@ -188,17 +188,32 @@ class ClassificationRecipe:
         )
 
     def _train_pipelines(self, train):
-        """start_epoch -> training pipeline (user tf.data datasets are used as given)."""
+        """start_epoch -> training pipeline. A user's tf.data dataset is used as given (one
+        pass per epoch); with several workers, each trains on its shard of it."""
         if _is_tf_dataset(train):
+            if self.worker.count > 1:
+                return lambda start_epoch: self._pipeline(train, training=True)
             return train
         return lambda start_epoch: self._pipeline(train, training=True, start_epoch=start_epoch)
 
     def _training_data(self, train_data, validation_data):
         if _is_tf_dataset(train_data):
+            import tensorflow as tf
+
             if self.num_classes is None:
                 raise ValueError("with a tf.data.Dataset, pass num_classes or class_names")
-            steps = int(train_data.cardinality()) // self.worker.count
-            return train_data, validation_data, steps if steps > 0 else 1
+            batches = int(train_data.cardinality())
+            if batches == tf.data.INFINITE_CARDINALITY:
+                raise ValueError("the training dataset is infinite (.repeat()): pass one epoch of "
+                                 "batches (restransfer repeats it), e.g. dataset.take(batches_per_epoch)")
+            if batches == tf.data.UNKNOWN_CARDINALITY:  # e.g. after filter(): count one pass
+                batches = int(train_data.reduce(0, lambda count, _: count + 1))
+                print(f"training dataset of unknown length: counted {batches} batches per epoch")
+                train_data = train_data.apply(tf.data.experimental.assert_cardinality(batches))
+            if batches < self.worker.count:
+                raise ValueError(f"the training dataset has {batches} batch(es), fewer than the "
+                                 f"{self.worker.count} workers that share it")
+            return train_data, validation_data, batches // self.worker.count
         user_val = validation_data if _is_tf_dataset(validation_data) else None
         splits = data_lib.resolve_splits(
             train_data, None if user_val is not None else validation_data, class_names=self.class_names,
@@ -211,6 +226,7 @@ class ClassificationRecipe:
             self.class_names = train.class_names
             self.num_classes = train.num_classes
         self.multi_label = self.multi_label or train.multi_label
+        self._check_task()
         from restransfer.training.distribute import steps_per_epoch
 
         return train, user_val if user_val is not None else splits.val, \
@@ -300,6 +316,9 @@ class ClassificationRecipe:
     def _fit_options(self, train) -> dict:
         """Extra options for :func:`run_phases` (subclasses add class weights, losses)."""
         return {}
+
+    def _check_task(self) -> None:
+        """Refuses, before any training, what the task cannot do with these classes (subclasses)."""
 
     def _feature_cache(self, train, checkpoint_dir):
         """Head-only phases train on cached features: by default ("auto") only where that is

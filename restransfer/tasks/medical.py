@@ -84,12 +84,19 @@ class MedicalImagingRecipe(ClassificationRecipe):
 
     # --- clinical evaluation ---------------------------------------------------------------
 
+    def _check_task(self) -> None:
+        if len(self.class_names) == 2 and not self.multi_label:
+            self._positive_index()
+
     def _positive_index(self) -> int:
-        if self.positive_class is not None:
-            if self.positive_class not in self.class_names:
-                raise ValueError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
-            return self.class_names.index(self.positive_class)
-        return 1
+        """A binary task's positive class must be named: sensitivity and specificity swap
+        silently when a sorted-name rule picks the wrong one (abnormal / normal)."""
+        if self.positive_class is None:
+            raise ValueError(f"a binary medical task needs its positive class: set positive_class "
+                             f"(medical.positive_class in a recipe file) to one of {self.class_names}")
+        if self.positive_class not in self.class_names:
+            raise ValueError(f"positive_class {self.positive_class!r} is not one of {self.class_names}")
+        return self.class_names.index(self.positive_class)
 
     def calibrate(self, validation_data, split: str = "val") -> dict:
         """Chooses the decision threshold (and, if asked, a temperature) on validation data
@@ -97,6 +104,7 @@ class MedicalImagingRecipe(ClassificationRecipe):
         head = find_head(self._require_model())
         head.temperature.assign(1.0)  # calibrate the model's own probabilities, not a previous fit
         val = self._as_data(validation_data, split="val")
+        self._calibrated_on = _fingerprint(val)
         probabilities = self.predict_dataset(val)
         if self.temperature_scaling and not self.multi_label:
             temperature = metrics.fit_temperature(val.labels, np.log(np.clip(probabilities, 1e-7, 1)))
@@ -121,12 +129,16 @@ class MedicalImagingRecipe(ClassificationRecipe):
         (0.5 if it was not called). ``groups`` (e.g. patient ids) adds per-patient figures."""
         test = self._as_data(test_data, split="test")
         probabilities = self.predict_dataset(test)
+        report = {}
+        if getattr(self, "_calibrated_on", None) is not None and _fingerprint(test) == self._calibrated_on:
+            report["optimistic"] = ("these figures are on the data the threshold was chosen on; "
+                                    "evaluate on a held-out test split for unbiased figures")
         if self.multi_label:
             thresholds = self.decision.thresholds
-            return {"per_label": {name: metrics.binary_report(test.labels[:, j], probabilities[:, j],
-                                                              thresholds[j], bootstrap=bootstrap)
-                                  for j, name in enumerate(self.class_names)}}
-        report = {"auc": metrics.multiclass_auc(test.labels, probabilities),
+            return {**report, "per_label": {name: metrics.binary_report(test.labels[:, j], probabilities[:, j],
+                                                                        thresholds[j], bootstrap=bootstrap)
+                                            for j, name in enumerate(self.class_names)}}
+        report = {**report, "auc": metrics.multiclass_auc(test.labels, probabilities),
                   "ece": metrics.expected_calibration_error(test.labels, probabilities),
                   "accuracy": float((probabilities.argmax(axis=1) == test.labels).mean())}
         if len(self.class_names) == 2:
@@ -163,3 +175,13 @@ class MedicalImagingRecipe(ClassificationRecipe):
             overlay_png(image, heat, path)
             written.append(path)
         return written
+
+
+def _fingerprint(data) -> str | None:
+    """Identifies a data set by content (to notice figures on the data that tuned them)."""
+    import hashlib
+
+    digests = data_lib.content_digests(data) if isinstance(data, data_lib.ImageData) else None
+    if digests is None:
+        return None
+    return hashlib.sha256("".join(digests).encode()).hexdigest()

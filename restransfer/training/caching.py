@@ -90,7 +90,7 @@ class FeatureCache:
         steps = -(-count // self.batch_size)
         extract = compiled_forward(backbone)
         bar = tqdm(total=self.views * count, desc="caching features", unit="img",
-                   disable=not self.progress, leave=False)
+                   disable=None if self.progress else True, leave=False)
         for view in range(self.views):
             pipeline = make_pipeline(self.data, self.image_size, self.batch_size, training=True,
                                      augmentation=self.augmentation, seed=self.seed,

@@ -36,17 +36,36 @@ class Checkpointer:
         weights = {id(w) for w in model.weights}
         return {f"{index}:{v.path}": v for index, v in enumerate(model.variables) if id(v) not in weights}
 
-    def save(self, model, state: dict) -> None:
+    def save(self, model, state: dict, best_weights: list | None = None) -> None:
+        """``best_weights``: early stopping's newly best weights (written beside, named by
+        epoch, so the state never names a file from a later epoch)."""
         if not self.writer:
             return
         state = {**state, "rng": {key: np.asarray(v.value).tolist()
                                   for key, v in self._random_states(model).items()}}
+        stopping = state.get("early_stopping")
+        if best_weights is not None and stopping:
+            temporary = self.directory / ".best.partial.npz"
+            np.savez(temporary, *best_weights)
+            os.replace(temporary, self.directory / stopping["best_weights_file"])
         temporary = self.directory / ".last.keras.partial.keras"
         model.save(temporary)
         os.replace(temporary, self.model_path)
         temporary_state = self.directory / ".state.json.partial"
         temporary_state.write_text(json.dumps(state))
         os.replace(temporary_state, self.state_path)
+        keep = stopping["best_weights_file"] if stopping else None
+        for old in self.directory.glob("best-*.npz"):
+            if old.name != keep:
+                old.unlink()
+
+    def best_weights(self, state: dict) -> list | None:
+        """The best weights an interrupted phase's early stopping had kept."""
+        stopping = state.get("early_stopping")
+        if not stopping or not stopping.get("best_weights_file"):
+            return None
+        with np.load(self.directory / stopping["best_weights_file"], allow_pickle=False) as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
     def load(self):
         """(model, state) of the last complete epoch, or (None, None)."""

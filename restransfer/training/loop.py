@@ -15,6 +15,7 @@ from restransfer.training.checkpoints import Checkpointer
 from restransfer.training.losses import apply_mixup, compile_model, loss_and_metrics, one_hot_labels
 from restransfer.training.optimizers import make_optimizer
 from restransfer.training.phases import Phase
+from restransfer.training.progress import SILENT, BAR, RunProgress, progress_mode
 
 
 @dataclasses.dataclass
@@ -45,12 +46,45 @@ class TrainingHistory:
                 "phases": [p.model_dump() for p in self.phases]}
 
 
+class BestEpoch(keras.callbacks.EarlyStopping):
+    """Early stopping on the validation metric that keeps the best epoch's weights, with two
+    additions: with EMA (``ema: true``) the kept weights are the EMA weights the epoch was
+    validated with (Keras would keep the raw ones), and its memory (best value, patience
+    count, best weights) can be checkpointed and restored, so a resumed phase stops and
+    restores exactly as an uninterrupted one."""
+
+    def __init__(self, monitor: str, patience: int, resume: dict | None = None, resume_weights=None):
+        super().__init__(monitor=monitor, mode="max", patience=patience, restore_best_weights=True)
+        self._resume, self._resume_weights = resume, resume_weights
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._resume:
+            self.best, self.wait = self._resume["best"], self._resume["wait"]
+            self.best_epoch, self.best_weights = self._resume["best_epoch"], self._resume_weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        optimizer = self.model.optimizer
+        if self.best_epoch == epoch and getattr(optimizer, "use_ema", False):
+            averages = {id(v): a for v, a in zip(optimizer._trainable_variables,
+                                                  optimizer._model_variables_moving_average)}
+            self.best_weights = [np.asarray(averages[id(w)]) if id(w) in averages else np.asarray(w)
+                                 for w in self.model.weights]
+
+    def state(self, epoch: int) -> dict:
+        return {"best": float(self.best), "wait": int(self.wait), "best_epoch": int(self.best_epoch),
+                "best_weights_file": f"best-{self.best_epoch}.npz" if self.best_weights is not None else None}
+
+
 class _SaveEachEpoch(keras.callbacks.Callback):
-    def __init__(self, checkpointer, phase_index, phase_start, history, phases, full_model):
+    def __init__(self, checkpointer, phase_index, phase_start, history, phases, full_model,
+                 stopping: BestEpoch | None = None):
         super().__init__()
         self.checkpointer, self.phase_index, self.phase_start = checkpointer, phase_index, phase_start
         self.full_model = full_model  # fit may run on a head-only model (cached features)
         self.history, self.phases = history, phases
+        self.stopping = stopping  # runs before this callback: its state includes this epoch
         self.logs: dict[str, list[float]] = {}
 
     def on_epoch_end(self, epoch, logs=None):
@@ -62,9 +96,14 @@ class _SaveEachEpoch(keras.callbacks.Callback):
         partial = TrainingHistory({k: list(v) for k, v in self.history.history.items()},
                                   list(self.history.phase_starts), list(self.history.phases))
         partial.add(self.phases[self.phase_index], self.logs)
-        self.checkpointer.save(self.full_model, {
-            "phase": self.phase_index, "phase_start_epoch": self.phase_start, "epoch": epoch + 1,
-            "phase_complete": False, "history": partial.to_dict()})
+        state = {"phase": self.phase_index, "phase_start_epoch": self.phase_start, "epoch": epoch + 1,
+                 "phase_complete": False, "history": partial.to_dict()}
+        best = None
+        if self.stopping is not None:
+            state["early_stopping"] = self.stopping.state(epoch)
+            if self.stopping.best_epoch == epoch and self.stopping.best_weights is not None:
+                best = self.stopping.best_weights
+        self.checkpointer.save(self.full_model, state, best_weights=best)
 
 
 def _head_model(model):
@@ -150,6 +189,11 @@ def run_phases(
     from restransfer.training import distribute
 
     multi_worker = distribute.is_multi_worker(strategy)
+    mode = progress_mode(verbose)
+    verbose = 1 if mode == BAR else 0  # Keras' own output: the live bar, or nothing
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, RunProgress) for c in callbacks):
+        callbacks.append(RunProgress(sum(p.epochs for p in phases), mode))
     history = TrainingHistory()
     start_phase, resume_epoch, resumed_logs = 0, None, {}
     if resume_state:
@@ -179,33 +223,43 @@ def run_phases(
         phase_start = history.epochs
         resuming = index == start_phase and resume_epoch is not None
         cached = (feature_cache is not None and phase.trainable == "head" and not phase.train_bn
-                  and not phase.mixup and not resuming)
-        if not resuming:  # a resumed phase keeps its loaded optimizer, schedule and step
+                  and not phase.mixup)
+        smoothing = phase.label_smoothing if not multi_label else 0.0
+        fit_model = _head_model(model) if cached else model
+        if resuming:  # the loaded optimizer: its step, schedule and moments
+            if cached:
+                compile_model(fit_model, model.optimizer, multi_label, smoothing, focal_gamma)
+        else:
             stages_lib.set_trainable_stages(
                 model, stages_lib.parse_stages(phase.trainable), train_bn=phase.train_bn
             )
-        fit_model = _head_model(model) if cached else model
-        smoothing = phase.label_smoothing if not multi_label else 0.0
-        if not resuming:
             with distribute.scope(strategy):
-                compile_model(fit_model, make_optimizer(model, phase, steps_per_epoch), multi_label,
-                              smoothing, focal_gamma)
+                optimizer = make_optimizer(model, phase, steps_per_epoch)
+                compile_model(fit_model, optimizer, multi_label, smoothing, focal_gamma)
+                if cached:
+                    # The checkpoint is the full model: compiled with the head model's very
+                    # optimizer (in a head phase both train the same variables), it carries the
+                    # phase's optimizer state, so a resumed cached phase continues exactly.
+                    compile_model(model, optimizer, multi_label, smoothing, focal_gamma)
         guard = StopOnNonFiniteLoss()
         phase_callbacks = list(callbacks or []) + [guard]
         if strategy is not None and not multi_worker:
             phase_callbacks.append(distribute.AverageBatchNormStatistics(model, strategy))
-        saver = None
-        if checkpointer is not None:
-            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases, model)
+        if phase.ema and val_ds is not None:
+            # validate the EMA weights (the weights a phase with EMA keeps and exports)
+            phase_callbacks.append(keras.callbacks.SwapEMAWeights())
+        stopping = None
+        if patience and val_ds is not None:
+            memory = resume_state.get("early_stopping") if resuming else None
+            stopping = BestEpoch(monitor, patience, resume=memory,
+                                 resume_weights=checkpointer.best_weights(resume_state) if memory else None)
+            phase_callbacks.append(stopping)
+        if checkpointer is not None:  # after early stopping: its state then includes the epoch
+            saver = _SaveEachEpoch(checkpointer, index, phase_start, history, phases, model, stopping)
             if resuming:
                 saver.logs = {k: list(v) for k, v in resumed_logs.items()}
             phase_callbacks.append(saver)
-        if patience and val_ds is not None:
-            phase_callbacks.append(
-                keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience,
-                                              restore_best_weights=True)
-            )
-        if verbose:
+        if mode != SILENT:
             rates = phase.stage_learning_rates()
             spread = f" stages {min(rates.values()):.2g}..{max(rates.values()):.2g}" if rates else ""
             print(f"phase {index + 1}/{len(phases)}: trainable={phase.trainable} epochs={phase.epochs} "
@@ -216,9 +270,10 @@ def run_phases(
             phase_train = labelled(feature_cache.train_dataset(backbone, epoch))
             phase_val = _features_of(backbone, val_ds) if val_ds is not None else None
         else:
-            phase_train = apply_mixup(labelled(train_for(epoch)), phase.mixup, seed)
+            phase_train = apply_mixup(labelled(train_for(epoch)), phase.mixup, seed, index,
+                                      first_step=(epoch - phase_start) * steps_per_epoch if endless else 0)
             phase_val = val_ds
-        if verbose and cached:
+        if mode != SILENT and cached:
             print(f"  training the head on cached backbone features ({feature_cache.views} view(s))")
         if multi_worker:
             loss, metrics = loss_and_metrics(multi_label, smoothing, focal_gamma)
@@ -250,9 +305,6 @@ def run_phases(
         if resuming:
             logs = {k: resumed_logs.get(k, []) + list(v) for k, v in result.history.items()}
         history.add(phase, logs)
-        if cached:  # the full model's compiled state must describe the full model
-            compile_model(model, make_optimizer(model, phase, steps_per_epoch), multi_label,
-                          focal_gamma=focal_gamma)
         if checkpointer is not None:
             checkpointer.save(model, {"phase": index + 1, "phase_start_epoch": history.epochs,
                                       "epoch": history.epochs, "phase_complete": True,

@@ -44,8 +44,30 @@ def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
 
 
-def apply_mixup(ds, alpha: float, seed: int):
+def apply_mixup(ds, alpha: float, seed: int, phase_index: int = 0, first_step: int = 0):
+    """MixUp (Zhang et al. 2018) on batched (images, one-hot labels): each batch mixed with a
+    permutation of itself, lambda ~ Beta(alpha, alpha) per image.
+
+    The draws of batch ``first_step + i`` come from (seed, phase, step) alone, so a resumed
+    epoch sees exactly the mixes an uninterrupted run saw. (Keras' ``MixUp`` layer draws from
+    a stateful generator that a new phase or a resumed process would restart.)"""
     if not alpha:
         return ds
-    mix = keras.layers.MixUp(alpha=alpha, seed=seed)
-    return ds.map(lambda x, y: tuple(mix({"images": x, "labels": y}, training=True).values()))
+    import tensorflow as tf
+
+    def mix(step, batch):
+        images, labels = batch
+        key = tf.stack([tf.constant(seed * 1009 + phase_index, tf.int64), step])
+        keys = tf.random.experimental.stateless_split(key, 3)
+        count = tf.shape(images)[0]
+        a = tf.random.stateless_gamma([count], keys[0], alpha)
+        b = tf.random.stateless_gamma([count], keys[1], alpha)
+        share = a / (a + b)
+        partner = tf.argsort(tf.random.stateless_uniform([count], keys[2]))
+        images = tf.cast(images, tf.float32)
+        labels = tf.cast(labels, tf.float32)
+        image_share = tf.reshape(share, [-1, 1, 1, 1])
+        return (images * image_share + tf.gather(images, partner) * (1 - image_share),
+                labels * share[:, None] + tf.gather(labels, partner) * (1 - share[:, None]))
+
+    return ds.enumerate(start=first_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)

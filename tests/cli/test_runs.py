@@ -69,6 +69,12 @@ def test_digits_recipe_run_directory_and_report(tmp_path):
     assert metrics["val_accuracy"] > 0.5
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch") and len(rows) == 3  # header + 2 epochs over 2 phases
+    # output to a file (not a terminal): one line per epoch, no bar, no TensorFlow start-up noise
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("run " in line and "left" in line for line in epoch_lines), result.stdout
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    for noise in ("cudart", "absl", "cuInit", "cpu_feature_guard"):
+        assert noise not in result.stderr, result.stderr[:2000]
     parser = _Images()
     parser.feed((run_dir / "report.html").read_text())
     assert len(parser.sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in parser.sources)

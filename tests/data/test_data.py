@@ -80,7 +80,8 @@ def test_unknown_transform_is_named():
 
 def test_stratified_split_keeps_proportions():
     labels = np.array([0] * 40 + [1] * 10)
-    source = data.from_arrays(np.zeros((50, 4, 4, 3), np.uint8), labels)
+    images = np.random.default_rng(0).integers(0, 255, (50, 4, 4, 3), dtype=np.uint8)
+    source = data.from_arrays(images, labels)
     train, val = data.stratified_split(source, 0.2, seed=0)
     assert len(val) == 10 and np.bincount(val.labels).tolist() == [8, 2]
 
@@ -192,7 +193,8 @@ def test_tfds_through_the_real_loader_with_mock_data():
 def test_grouped_splits_never_leak_a_group():
     labels = np.array([0, 1] * 30)
     groups = np.repeat(np.arange(20), 3).astype(str)
-    source = data.from_arrays(np.zeros((60, 4, 4, 3), np.uint8), labels)
+    images = np.random.default_rng(0).integers(0, 255, (60, 4, 4, 3), dtype=np.uint8)
+    source = data.from_arrays(images, labels)
     source.groups = groups
     train, val = data.stratified_split(source, 0.25, seed=1)
     assert not set(train.groups) & set(val.groups)

@@ -18,6 +18,8 @@ from restransfer import cli
 from restransfer.models.decision import DecisionRule
 from restransfer.models.heads import find_head
 
+from conftest import scans_npz
+
 
 def image_files(folder, channels, count=10):
     """PNG and JPEG files of varied content (so probabilities spread around any threshold)."""
@@ -126,21 +128,7 @@ def test_a_rule_that_does_not_fit_the_classes_is_refused():
 def test_a_medical_npz_run_exports_and_serves_its_chosen_threshold(tmp_path):
     """task: medical on a MedMNIST-style 1-channel .npz of 28x28 images, export on: exit 0, and
     the served decision is predict's on every test image, at the threshold the card names."""
-    rng = np.random.default_rng(0)
-
-    def scans(count):
-        images = rng.uniform(20, 90, (count, 28, 28)).astype(np.uint8)
-        labels = (rng.random(count) < 0.35).astype(np.int64)
-        for image, label in zip(images, labels):
-            if label:
-                y, x = rng.integers(2, 18, 2)
-                image[y:y + 8, x:x + 8] = 220
-        return images, labels[:, None]  # MedMNIST stores labels as (N, 1)
-
-    arrays = {}
-    for split, count in (("train", 96), ("val", 40), ("test", 30)):
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = scans(count)
-    np.savez(tmp_path / "scans.npz", **arrays)
+    arrays = scans_npz(tmp_path / "scans.npz")
     recipe_file = tmp_path / "scans.yaml"
     recipe_file.write_text(textwrap.dedent(f"""\
         task: medical
@@ -149,7 +137,7 @@ def test_a_medical_npz_run_exports_and_serves_its_chosen_threshold(tmp_path):
         data: {{source: {tmp_path / 'scans.npz'}, batch_size: 16}}
         fine_tune:
           - {{trainable: all, epochs: 2, lr: 0.002, schedule: one_cycle}}
-        medical: {{gradcam_images: 0, temperature_scaling: true}}
+        medical: {{gradcam_images: 0, temperature_scaling: true, positive_class: "1"}}
         training: {{early_stopping_patience: null}}
         export: {{enabled: true, model_name: scans}}
         output_dir: {tmp_path / 'runs'}

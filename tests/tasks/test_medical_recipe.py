@@ -26,7 +26,7 @@ def lesions(count, seed, positives=0.3):
 def trained():
     recipe = rt.MedicalImagingRecipe(
         backbone="resnet18", weights=None, image_size=48, channels=1, stem="sum", batch_size=16,
-        early_stopping_patience=None, val_fraction=0, tta=True, temperature_scaling=True,
+        early_stopping_patience=None, val_fraction=0, tta=True, temperature_scaling=True, positive_class="lesion",
         phases=[Phase("all", epochs=5, lr=2e-3, schedule="one_cycle")])
     train = lesions(120, 0)
     recipe.fit(train, verbose=0)
@@ -78,7 +78,7 @@ def test_grad_cam_overlays_are_written(trained, tmp_path):
 
 def test_focal_loss_trains():
     recipe = rt.MedicalImagingRecipe(backbone="resnet18", weights=None, image_size=48, channels=1,
-                                     focal_gamma=2.0, batch_size=16, val_fraction=0,
+                                     focal_gamma=2.0, batch_size=16, val_fraction=0, positive_class="lesion",
                                      phases=[Phase("all", epochs=1, lr=1e-3)])
     history = recipe.fit(lesions(32, 5), verbose=0)
     assert "focal" in recipe.model.loss.name and np.isfinite(history.history["loss"]).all()

@@ -214,3 +214,35 @@ def test_adamw_weight_decay_exclusions_survive_a_reload():
     kernel, bias = head.get_weights()
     assert np.all(kernel < 1.0)               # decayed
     np.testing.assert_array_equal(bias, 1.0)  # excluded by name, after the reload
+
+
+def test_ema_weights_are_validated_kept_and_saved(tiny_folder, tmp_path):
+    """With ema and early stopping: each epoch is validated on the EMA weights, the best
+    epoch's EMA weights are kept (Keras alone would restore raw ones), and they are saved."""
+    snapshots, raw, logged = [], [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            optimizer = self.model.optimizer
+            averages = {id(v): np.array(a) for v, a in zip(optimizer._trainable_variables,
+                                                           optimizer._model_variables_moving_average)}
+            snapshots.append({w.path: averages.get(id(w), np.array(w)) for w in self.model.weights})
+            raw.append({w.path: np.array(w) for w in self.model.trainable_weights})
+            logged.append((logs["val_accuracy"], logs["val_loss"]))
+
+    recipe = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation="none",
+        early_stopping_patience=2, deterministic=True,
+        phases=[Phase("all", epochs=4, lr=3e-3, ema=True, schedule="constant")])
+    recipe.fit(tiny_folder, callbacks=[Record()], verbose=0)
+    accuracies = [a for a, _ in logged]
+    best = int(np.argmax(accuracies))  # the first best epoch, as early stopping keeps it
+    kept = {w.path: np.array(w) for w in recipe.model.weights}
+    for path, value in snapshots[best].items():
+        np.testing.assert_array_equal(kept[path], value, err_msg=path)
+    assert any(not np.array_equal(kept[path], value) for path, value in raw[best].items()), \
+        "the raw weights would have passed too"
+    assert recipe.evaluate(tiny_folder / "val")["loss"] == pytest.approx(logged[best][1], rel=1e-4)
+    reloaded = rt.ClassificationRecipe.load(recipe.save(tmp_path / "m.keras"))
+    for a, b in zip(reloaded.model.get_weights(), recipe.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
