@@ -47,6 +47,8 @@ def test_quickstart_fine_tunes_and_exports(tmp_path):
     result = run("quickstart", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "model.keras").exists()
+    report = tmp_path / "run" / "report.html"
+    assert 'id="summary"' in report.read_text() and f"report: {report}" in result.stdout
     assert (tmp_path / "run" / "export" / "restransfer" / "1" / "saved_model.pb").exists()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.5  # ten digit classes: chance is 0.1

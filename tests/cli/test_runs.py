@@ -237,3 +237,5 @@ def test_medical_cross_validation_reports_clinical_figures_per_fold(tmp_path):
     assert 0 < clinical["binary"]["threshold"] < 1 and "ci95" in clinical["binary"]
     assert len(list((run_dir / "fold1" / "gradcam").glob("*.png"))) == 2
     assert (run_dir / "fold1" / "report.html").read_text().count('alt="Grad-CAM') == 2
+    index = (run_dir / "report.html").read_text()  # the run's page: per-fold table, mean ± sd, links
+    assert "mean ± sd" in index and 'href="fold2/report.html"' in index
