@@ -7,6 +7,8 @@ API, recipe files, quickstart) goes through it. Stratified and group-aware (scik
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import typing
@@ -38,12 +40,18 @@ def _strata(data: ImageData) -> np.ndarray:
     return np.where(data.labels.any(axis=1), data.labels.argmax(axis=1), -1)
 
 
-def content_digests(data: ImageData) -> list[str] | None:
-    """SHA-256 of each image's file (or array) content; None for streamed sources."""
-    import hashlib
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, modified_ns: int, size: int) -> str:
+    # keyed by modification time and size too: a rewritten file is hashed again
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+
+def content_digests(data: ImageData) -> list[str] | None:
+    """SHA-256 of each image's file (or array) content; None for streamed sources. A file is
+    read once per process (splitting, the duplicate check and calibration all ask)."""
     if data.paths is not None:
-        return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in data.paths]
+        stats = [os.stat(p) for p in data.paths]
+        return [_file_digest(str(p), s.st_mtime_ns, s.st_size) for p, s in zip(data.paths, stats)]
     if data.images is not None:
         return [hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in data.images]
     return None

@@ -110,11 +110,8 @@ def model_probabilities(model, images, test_time_augmentation: bool = False, bat
     import numpy as np
     import tensorflow as tf
 
-    from restransfer.data.augmentation import TEST_TIME_VIEWS
-
-    views = TEST_TIME_VIEWS if test_time_augmentation else TEST_TIME_VIEWS[:1]
     results = []
-    for view in views:
+    for view in _views(test_time_augmentation):
         if isinstance(images, tf.data.Dataset):
             results.append(model.predict(images.map(view), verbose=0))
         else:
@@ -127,8 +124,11 @@ def graph_probabilities(model, pixels, test_time_augmentation: bool = False):
     """The same as :func:`model_probabilities`, as graph ops on one batch (the serving graph)."""
     import tensorflow as tf
 
+    return tf.reduce_mean(tf.stack([tf.cast(model(view(pixels), training=False), tf.float32)
+                                    for view in _views(test_time_augmentation)]), axis=0)
+
+
+def _views(test_time_augmentation: bool):
     from restransfer.data.augmentation import TEST_TIME_VIEWS
 
-    views = TEST_TIME_VIEWS if test_time_augmentation else TEST_TIME_VIEWS[:1]
-    return tf.reduce_mean(tf.stack([tf.cast(model(view(pixels), training=False), tf.float32)
-                                    for view in views]), axis=0)
+    return TEST_TIME_VIEWS if test_time_augmentation else TEST_TIME_VIEWS[:1]

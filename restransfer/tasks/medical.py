@@ -37,6 +37,7 @@ class MedicalImagingRecipe(ClassificationRecipe):
         self.class_weight, self.focal_gamma = class_weight, focal_gamma  # imbalance
         self.threshold_method, self.target_sensitivity = threshold_method, target_sensitivity
         self.positive_class, self.tta, self.temperature_scaling = positive_class, tta, temperature_scaling
+        self._calibrated_on: str | None = None  # fingerprint of the data calibrate() tuned on
 
     @property
     def tta(self) -> bool:
@@ -130,7 +131,7 @@ class MedicalImagingRecipe(ClassificationRecipe):
         test = self._as_data(test_data, split="test")
         probabilities = self.predict_dataset(test)
         report = {}
-        if getattr(self, "_calibrated_on", None) is not None and _fingerprint(test) == self._calibrated_on:
+        if self._calibrated_on is not None and _fingerprint(test) == self._calibrated_on:
             report["optimistic"] = ("these figures are on the data the threshold was chosen on; "
                                     "evaluate on a held-out test split for unbiased figures")
         if self.multi_label:
