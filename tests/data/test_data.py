@@ -59,9 +59,88 @@ def test_odd_formats_decode_to_rgb(tmp_path):
     assert data.load_image(tmp_path / "rotated.jpg").shape[:2] == (12, 10)
 
 
-def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder):
+def _jpeg_with_exif(rgb, tiff: bytes, decoy: bool) -> bytes:
+    """A baseline JPEG with an EXIF APP1 segment holding ``tiff`` (after a comment segment
+    that contains a stray "Exif\\0\\0" when ``decoy``)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=95)
+    plain = buffer.getvalue()
+    segments = b""
+    if decoy:
+        comment = b"says Exif\x00\x00 but is a comment"
+        segments += b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+    payload = b"Exif\x00\x00" + tiff
+    segments += b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return plain[:2] + segments + plain[2:]
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("decoy", [False, True])
+def test_exif_orientation_either_byte_order_and_after_other_segments(tmp_path, big_endian, decoy):
+    import struct
+
+    rgb = np.random.default_rng(1).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    order = ">" if big_endian else "<"
+    # TIFF header, then one directory: an unrelated tag, then Orientation = 8 (SHORT)
+    tiff = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(order + "I", 8) + struct.pack(order + "H", 2)
+    tiff += struct.pack(order + "HHIHH", 0x010F, 3, 1, 0, 0) + struct.pack(order + "HHIHH", 0x0112, 3, 1, 8, 0)
+    tiff += struct.pack(order + "I", 0)
+    path = tmp_path / "oriented.jpg"
+    path.write_bytes(_jpeg_with_exif(rgb, tiff, decoy))
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        assert image.getexif()[0x0112] == 8  # Pillow reads the file we made
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    decoded = data.load_image(path)
+    assert decoded.shape == expected.shape == (12, 10, 3)  # rotated 90 degrees
+    np.testing.assert_array_equal(decoded, expected)
+
+
+AFFINES = [dict(rotate=(20, 20)), dict(scale=(1.2, 1.2)), dict(translate_percent=(0.1, 0.1)),
+           dict(translate_px=(-3, -3)), dict(scale={"x": (0.8, 0.8), "y": (1.1, 1.1)}, rotate=(-15, -15),
+                                             translate_percent={"x": (0.05, 0.05), "y": (-0.1, -0.1)})]
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("arguments", AFFINES, ids=lambda a: ",".join(a))
+def test_graph_transforms_are_the_albumentations_transforms(arguments, channels):
+    """The TensorFlow versions give albumentations' image for the same parameters (ranges of
+    one value), to within a grey level (albumentations works in uint8), borders included."""
+    import albumentations as A
+    import tensorflow as tf
+
+    from restransfer.data.augmentation import GraphAugmentation
+
+    yy, xx = np.mgrid[0:48, 0:64]
+    image = np.dstack([(xx * 4) % 256, (yy * 5) % 256, ((xx + yy) * 3) % 256]).astype(np.uint8)[..., :channels]
+    for transform in (A.Affine(p=1, **arguments), A.HorizontalFlip(p=1), A.VerticalFlip(p=1),
+                      A.RandomBrightnessContrast(brightness_limit=(0.1, 0.1), contrast_limit=(-0.2, -0.2), p=1)):
+        expected = transform(image=image)["image"].reshape(image.shape).astype(np.float32)
+        graph = GraphAugmentation.from_compose(A.Compose([transform]))
+        assert graph is not None, type(transform).__name__
+        got = graph(tf.constant(image), seed=7).numpy()
+        difference = np.abs(got - expected)
+        assert (difference <= 1.001).mean() > 0.995 and difference.mean() < 0.6, (type(transform).__name__, difference.max())
+
+
+def test_presets_run_in_graph_ops_and_other_transforms_in_albumentations():
+    from restransfer.data.augmentation import Augmenter
+
+    assert Augmenter("light", 32).graph is not None and Augmenter("medical", 32).graph is not None
+    assert Augmenter("medium", 32).graph is None  # RandomResizedCrop, ColorJitter: albumentations
+    assert Augmenter([{"name": "Affine", "rotate": 5, "border_mode": 4}], 32).graph is None  # reflect: not in graph
+
+
+@pytest.mark.parametrize("augmentation", ["light", "medium"])  # graph ops, albumentations
+def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder, augmentation):
     folder = data.image_folder(tiny_folder, split="train", progress=False)
-    make = lambda start=0: data.make_pipeline(folder, 32, 24, training=True, augmentation="light",
+    make = lambda start=0: data.make_pipeline(folder, 32, 24, training=True, augmentation=augmentation,
                                               seed=3, start_epoch=start)
     batches = iter(make())  # 24 images, batch 24: one batch per epoch
     epoch1, epoch2 = next(batches)[0].numpy(), next(batches)[0].numpy()
