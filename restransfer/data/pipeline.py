@@ -2,7 +2,61 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
+
 from restransfer.data.decoding import resize_image
+
+log = logging.getLogger("restransfer.data")
+
+# Decoded, resized images a pipeline keeps in memory (float32, per data set and image size).
+PIXEL_CACHE_BYTES = 4 * 2**30
+
+
+def resized_pixels(data, image_size: int, quantised: bool = False, limit: int = PIXEL_CACHE_BYTES):
+    """Every file of ``data`` decoded and resized once: [N, size, size, C] float32, the very
+    pixels the pipeline computes for an image in every epoch (decoding and resizing have no
+    randomness), so using them changes nothing but the time. ``quantised``: rounded to uint8
+    (a quarter of the memory), for pipelines that round before augmenting anyway. Made on
+    first use and kept on ``data``; None for in-memory arrays and streams, or when they would
+    take more than ``limit`` bytes (then every epoch decodes again).
+
+    Why: decoding a 500x375 JPEG (~2 ms) and the antialiased resize (~3 ms) are most of an
+    image's cost on a CPU; after the first epoch only augmentation is left (bench/pipeline.py).
+    """
+    if data.paths is None or limit <= 0:
+        return None
+    dtype = np.uint8 if quantised else np.float32
+    key = (image_size, np.dtype(dtype).name)
+    size = len(data) * image_size * image_size * data.channels * np.dtype(dtype).itemsize
+    if size > limit:
+        if ("too big", *key) not in data._pixels:  # said once per data set
+            data._pixels["too big", *key] = True
+            log.info("%d images at %d px would take %.1f GB decoded (limit %.1f GB): decoding them every epoch",
+                     len(data), image_size, size / 2**30, limit / 2**30)
+        return None
+    if key not in data._pixels:
+        import tensorflow as tf
+
+        def prepare(image, _):
+            image = resize_image(image, image_size)
+            return quantise(image) if quantised else image
+
+        pixels = np.empty((len(data), image_size, image_size, data.channels), dtype)
+        start = 0
+        for batch in data.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(64):
+            pixels[start: start + len(batch)] = batch.numpy()
+            start += len(batch)
+        data._pixels[key] = pixels
+    return data._pixels[key]
+
+
+def quantise(images):
+    """Resized float pixels -> uint8, as augmentation takes them."""
+    import tensorflow as tf
+
+    return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
 
 
 def epoch_order(count: int, seed: int, epoch):
@@ -25,8 +79,12 @@ def make_pipeline(
     in_order: bool = False,
     epochs: int | None = None,
     shard: tuple[int, int] | None = None,
+    cache_pixels: bool | None = None,
 ):
     """Batches of (float32 images 0-255 at image_size, labels), prefetched.
+
+    ``cache_pixels`` (default: for training pipelines) reads images from
+    :func:`resized_pixels` when they fit in memory: the same pixels, decoded once.
 
     ``shard=(workers, index)`` (training pipelines, multi-worker): this worker's share of
     every epoch -- every ``workers``-th image of the epoch's order from ``index``, the same
@@ -47,27 +105,37 @@ def make_pipeline(
     from restransfer.data.augmentation import Augmenter
 
     resize = lambda image, label, *rest: (resize_image(image, image_size), label, *rest)
+    augmenter = Augmenter(augmentation, image_size) if training else None
+    active = training and augmenter.active
+    if cache_pixels is None:
+        cache_pixels = training
+    pixels = resized_pixels(data, image_size, quantised=active) if cache_pixels and shard is None else None
+    if pixels is not None:
+        labels = tf.constant(data.labels)
+        shape = [None, image_size, image_size, data.channels]
+
+        def fetch_batch(indices, *rest):  # one copy out of memory per batch
+            images = tf.numpy_function(lambda k: pixels[k], [indices], tf.as_dtype(pixels.dtype), stateful=False)
+            return (tf.ensure_shape(images, shape), tf.gather(labels, indices), *rest)
+
     if not training:
+        if pixels is not None:
+            return tf.data.Dataset.range(len(data)).batch(batch_size).map(fetch_batch).prefetch(tf.data.AUTOTUNE)
         return data.dataset.map(resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
             .batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    augmenter = Augmenter(augmentation, image_size)
-    active = augmenter.active
-    in_graph = active and augmenter.graph is not None
     channels = data.channels
-    if in_graph:  # each image augmented in its own parallel map call, after the resize
-        resize = lambda image, label, image_seed: (
-            augmenter.graph(resize_image(image, image_size), image_seed), label, image_seed)
 
-    def augment_batch(images, labels, image_seeds):  # albumentations
+    def augment_batch(images, labels, image_seeds):
         # One Python call per batch, not per image: fewer GIL hand-offs (~2x faster here).
-        pixels = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
-        out = tf.numpy_function(augmenter.batch, [pixels, image_seeds], tf.uint8, stateful=False)
+        images = images if images.dtype == tf.uint8 else quantise(images)  # cached pixels: already
+        out = tf.numpy_function(augmenter.batch, [images, image_seeds], tf.uint8, stateful=False)
         out = tf.ensure_shape(out, [None, image_size, image_size, channels])
         return tf.cast(out, tf.float32), labels
 
     count = len(data)
     if data.random_access:
-        fetch = data.fetcher()
+        if pixels is None:
+            fetch = data.fetcher()
 
         def one_epoch(epoch):
             order = tf.range(count, dtype=tf.int64) if in_order else epoch_order(count, seed, epoch)
@@ -75,18 +143,22 @@ def make_pipeline(
                 workers, index = shard
                 order = order[index: count // workers * workers: workers]
             image_seeds = seed * 1_000_003 + epoch * 100_003 + order
+            if pixels is not None:
+                return tf.data.Dataset.from_tensor_slices((order, image_seeds)).batch(batch_size).map(
+                    fetch_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return tf.data.Dataset.from_tensor_slices((order, image_seeds)).map(
-                lambda i, s: resize(*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                lambda i, s: resize(*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).batch(batch_size)
 
         last = start_epoch + epochs if epochs is not None else 2**31
-        ds = tf.data.Dataset.range(start_epoch, last).flat_map(lambda epoch: one_epoch(epoch).batch(batch_size))
+        ds = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch)
     else:  # streamed sources (TFDS): seeded shuffle, not reproducible across a resume
         ds = data.dataset if shard is None else data.dataset.shard(*shard)
         ds = ds.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
         ds = ds.map(lambda item, s: resize(item[0], item[1], s), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).repeat()
-    if active and not in_graph:
+    if active:
         ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         ds = ds.map(lambda images, labels, _: (images, labels))

@@ -4,7 +4,8 @@ A source returns :class:`ImageData`: labels, class names, the files that were sk
 why, and ``.dataset`` -- a tf.data pipeline of ``(image uint8 HxWxC, label)`` that
 :func:`restransfer.data.pipeline.make_pipeline` turns into batches. Files are checked once,
 when the source is made, so training never stops mid-epoch on a bad file. Images stream from
-disk; nothing stacks a whole folder.
+disk; training keeps them decoded and resized in memory when they fit (see
+:func:`restransfer.data.pipeline.resized_pixels`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ImageData:
     groups: np.ndarray | None = None
     keep_precision: bool = False
     decode_options: dict = dataclasses.field(default_factory=dict)  # DICOM/NIfTI: window, normalize, axis
+    # image size -> every image decoded and resized once (pipeline.resized_pixels); not copied by subset
+    _pixels: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -170,7 +170,7 @@ class ClassificationRecipe:
         self.skipped += data.skipped
         return data
 
-    def _pipeline(self, data, training: bool, start_epoch: int = 0):
+    def _pipeline(self, data, training: bool, start_epoch: int = 0, cache_pixels: bool | None = None):
         """Batches for this process. Several replicas on one machine: batches of
         ``batch_size`` x replicas, which Keras splits. Several workers: training batches of
         ``batch_size`` from this worker's shard of the files, one per replica and step."""
@@ -184,7 +184,7 @@ class ClassificationRecipe:
             data, self.image_size, self.batch_size * (1 if sharded else worker.local_replicas),
             training=training, augmentation=self.augmentation if training else None,
             seed=self.seed, start_epoch=start_epoch,
-            shard=(worker.count, worker.index) if sharded else None,
+            shard=(worker.count, worker.index) if sharded else None, cache_pixels=cache_pixels,
         )
 
     def _train_pipelines(self, train):
@@ -290,7 +290,8 @@ class ClassificationRecipe:
             self.model,
             phases,
             self._train_pipelines(train),
-            self._pipeline(val, training=False) if val is not None else None,
+            # validated every epoch: decoded once (same pixels)
+            self._pipeline(val, training=False, cache_pixels=True) if val is not None else None,
             steps_per_epoch=steps,
             multi_label=self.multi_label,
             num_classes=self.num_classes,

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,43 +103,7 @@ def test_exif_orientation_either_byte_order_and_after_other_segments(tmp_path, b
     np.testing.assert_array_equal(decoded, expected)
 
 
-AFFINES = [dict(rotate=(20, 20)), dict(scale=(1.2, 1.2)), dict(translate_percent=(0.1, 0.1)),
-           dict(translate_px=(-3, -3)), dict(scale={"x": (0.8, 0.8), "y": (1.1, 1.1)}, rotate=(-15, -15),
-                                             translate_percent={"x": (0.05, 0.05), "y": (-0.1, -0.1)})]
-
-
-@pytest.mark.parametrize("channels", [3, 1])
-@pytest.mark.parametrize("arguments", AFFINES, ids=lambda a: ",".join(a))
-def test_graph_transforms_are_the_albumentations_transforms(arguments, channels):
-    """The TensorFlow versions give albumentations' image for the same parameters (ranges of
-    one value), to within a grey level (albumentations works in uint8), borders included."""
-    import albumentations as A
-    import tensorflow as tf
-
-    from restransfer.data.augmentation import GraphAugmentation
-
-    yy, xx = np.mgrid[0:48, 0:64]
-    image = np.dstack([(xx * 4) % 256, (yy * 5) % 256, ((xx + yy) * 3) % 256]).astype(np.uint8)[..., :channels]
-    for transform in (A.Affine(p=1, **arguments), A.HorizontalFlip(p=1), A.VerticalFlip(p=1),
-                      A.RandomBrightnessContrast(brightness_limit=(0.1, 0.1), contrast_limit=(-0.2, -0.2), p=1)):
-        expected = transform(image=image)["image"].reshape(image.shape).astype(np.float32)
-        graph = GraphAugmentation.from_compose(A.Compose([transform]))
-        assert graph is not None, type(transform).__name__
-        got = graph(tf.constant(image), seed=7).numpy()
-        difference = np.abs(got - expected)
-        assert (difference <= 1.001).mean() > 0.995 and difference.mean() < 0.6, (type(transform).__name__, difference.max())
-
-
-def test_presets_run_in_graph_ops_and_other_transforms_in_albumentations():
-    from restransfer.data.augmentation import Augmenter
-
-    assert Augmenter("light", 32).graph is not None and Augmenter("medical", 32).graph is not None
-    assert Augmenter("medium", 32).graph is None  # RandomResizedCrop, ColorJitter: albumentations
-    assert Augmenter([{"name": "Affine", "rotate": 5, "border_mode": 4}], 32).graph is None  # reflect: not in graph
-
-
-@pytest.mark.parametrize("augmentation", ["light", "medium"])  # graph ops, albumentations
-def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder, augmentation):
+def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder, augmentation="light"):
     folder = data.image_folder(tiny_folder, split="train", progress=False)
     make = lambda start=0: data.make_pipeline(folder, 32, 24, training=True, augmentation=augmentation,
                                               seed=3, start_epoch=start)
@@ -148,6 +113,36 @@ def test_augmentation_is_seeded_and_changes_between_epochs(tiny_folder, augmenta
     assert not np.array_equal(np.sort(epoch1.ravel()), np.sort(epoch2.ravel()))
     # a pipeline started at epoch 1 (a resumed run) sees exactly what epoch 1 saw
     np.testing.assert_array_equal(epoch2, next(iter(make(start=1)))[0].numpy())
+
+
+@pytest.mark.parametrize("augmentation", ["none", "light"])
+def test_pixels_decoded_once_are_the_pixels_decoded_every_epoch(tiny_folder, augmentation, caplog):
+    """Training reads images decoded and resized once (float32, or uint8 where augmentation
+    rounds anyway): batch for batch the same as decoding every epoch, resumed or not; the
+    files are not read again; too big for the limit, every epoch decodes."""
+    from restransfer.data import pipeline
+
+    folder = data.image_folder(tiny_folder, split="train", progress=False)
+    make = lambda cache, start=0: [x.numpy() for x, _ in data.make_pipeline(
+        folder, 32, 10, training=True, augmentation=augmentation, seed=4, start_epoch=start, epochs=3,
+        cache_pixels=cache)]
+    decoded_every_epoch, decoded_once = make(False), make(True)
+    assert len(decoded_once) == 9
+    for every, once in zip(decoded_every_epoch, decoded_once):
+        np.testing.assert_array_equal(every, once)
+    key = (32, "uint8" if augmentation == "light" else "float32")
+    assert folder._pixels[key].shape == (24, 32, 32, 3)
+    for path in folder.paths:  # the cache is what is read now
+        write_image(Path(path), np.zeros((9, 9, 3), np.uint8))
+    np.testing.assert_array_equal(make(True, start=1)[0], decoded_every_epoch[3])  # resumed at epoch 1
+    # evaluation pipelines (validation during fit) too
+    val = data.image_folder(tiny_folder, split="val", progress=False)
+    plain = [x.numpy() for x, _ in data.make_pipeline(val, 32, 5)]
+    cached = [x.numpy() for x, _ in data.make_pipeline(val, 32, 5, cache_pixels=True)]
+    assert len(plain) == len(cached) == 3 and all(np.array_equal(a, b) for a, b in zip(plain, cached))
+    with caplog.at_level(logging.INFO, logger="restransfer.data"):
+        assert pipeline.resized_pixels(val, 32, limit=1000) is None
+    assert "decoding them every epoch" in caplog.text
 
 
 def test_unknown_transform_is_named():
