@@ -3,23 +3,19 @@
     .venv/bin/python bench/pipeline.py                 # hymenoptera + 20,000 generated JPEGs
     .venv/bin/python bench/pipeline.py --generated 0   # hymenoptera only
 
-For each stage -- read, decode (libjpeg alone: the lower bound), the image contract's decode
-(EXIF orientation, conversions), + resize to 224 px, + augmentation, + batching -- images/s
-with 1 and with 2 parallel calls. Each measurement pins tf.data to that many threads and one
-thread per op (``private_threadpool_size``, ``max_intra_op_parallelism``), so "per core" is
-what one core does and the 1 -> 2 column shows how it scales. Every stage includes the ones
-before it (a pipeline is as fast as its slowest part, and they share the cores).
-
-Augmentation rows: ``light`` in TensorFlow ops (restransfer's path for the presets), and the
-same ``light`` through albumentations (one Python call per batch; the path for transforms
-with no graph version), for comparison. The last rows time ``make_pipeline`` itself as fit
-uses it (AUTOTUNE, all cores).
+Stages, each including the ones before it: read; decode (libjpeg alone: the lower bound of
+any decoder); the image contract's decode (EXIF orientation, conversions); + resize to 224 px;
+then ``make_pipeline`` whole (augmentation through albumentations, one Python call per batch;
+batching), once decoding every epoch and once from the pixels decoded once (the second
+epoch is timed). Images/s with one tf.data thread and one thread per op ("1 core":
+``private_threadpool_size``, ``max_intra_op_parallelism``), then two of each, so the scaling
+to a many-core host can be predicted. The last table runs all 20,000 generated files through
+``make_pipeline`` as ``fit`` does (AUTOTUNE, every core).
 
 The generated set: 20,000 JPEGs of 500x375 (about ImageNet's typical size; hymenoptera's is
 the same), smooth random scenes with noise so they compress like photos (~40 KB at quality
 90), written once to ``--cache`` (outside the repository); a stage reads ``--per-stage``
-of them, in a different order for every stage, so the page cache holds them but no decoder
-cache does.
+of them (the page cache holds the files; nothing else is reused between stages).
 """
 
 from __future__ import annotations
@@ -54,60 +50,51 @@ def generate(folder: Path, count: int, width: int = 500, height: int = 375) -> l
     return [str(p) for p in paths]
 
 
-def rate(dataset, count: int) -> float:
-    """Images/s of one pass over ``dataset`` (after a warm-up pass over its first batches)."""
-    for _ in dataset.take(2):
-        pass
-    started = time.perf_counter()
-    seen = 0
-    for images in dataset:
-        seen += int(images.shape[0]) if images.shape.rank == 4 else 1
-    return seen / (time.perf_counter() - started)
-
-
-def stage_rows(paths: list[str], threads: int, batch: int):
+def stage_rows(folder, threads: int, batch: int):
+    """(stage, images/s) with ``threads`` threads, one per op, over the ImageData ``folder``."""
     import tensorflow as tf
 
-    from restransfer.data.augmentation import Augmenter
+    from restransfer import data
     from restransfer.data.decoding import decode_image_bytes, resize_image
 
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.threading.max_intra_op_parallelism = 1
-    light = Augmenter("light", SIZE)
-    seeds = np.arange(len(paths), dtype=np.int64)
+    paths = list(folder.paths)
     touch = lambda out: tf.reduce_max(tf.cast(tf.reshape(out, [-1])[::9973], tf.float32))  # forces the work
 
-    def over(fn, batched=False, albumentations=False):
+    def per_image(fn):
         order = np.random.default_rng(threads).permutation(len(paths))
-        ds = tf.data.Dataset.from_tensor_slices(([paths[i] for i in order], seeds[order]))
-        if not batched:
-            return ds.map(lambda p, s: touch(fn(p, s)), num_parallel_calls=threads).with_options(options)
-        ds = ds.map(fn, num_parallel_calls=threads).batch(batch)
-        if albumentations:
-            def augment(images, image_seeds):
-                pixels = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
-                return tf.numpy_function(light.batch, [pixels, image_seeds], tf.uint8, stateful=False)
-            ds = ds.map(augment, num_parallel_calls=threads)
-        else:
-            ds = ds.map(lambda images, _: images)
-        return ds.with_options(options)
+        return tf.data.Dataset.from_tensor_slices([paths[i] for i in order]).map(
+            lambda p: touch(fn(p)), num_parallel_calls=threads).with_options(options)
 
-    contract = lambda p, s: decode_image_bytes(tf.io.read_file(p))
-    resized = lambda p, s: resize_image(contract(p, s), SIZE)
-    augmented = lambda p, s: light.graph(resized(p, s), s)
+    def pipeline(augmentation, cache):  # decoded once: made here, before the timed epoch
+        return data.make_pipeline(folder, SIZE, batch, training=True, augmentation=augmentation, seed=threads,
+                                  epochs=1, cache_pixels=cache).with_options(options)
+
+    contract = lambda p: decode_image_bytes(tf.io.read_file(p))
     stages = [
-        ("read", over(lambda p, s: tf.strings.length(tf.io.read_file(p)))),
-        ("decode only (libjpeg, lower bound)", over(lambda p, s: tf.io.decode_jpeg(tf.io.read_file(p), channels=3))),
-        ("image-contract decode", over(contract)),
-        ("+ resize to 224 (bilinear, antialiased)", over(resized)),
-        ("+ light augmentation, TensorFlow ops", over(augmented)),
-        ("+ batch 32 (the whole pipeline, TF ops)", over(lambda p, s: (augmented(p, s), s), batched=True)),
-        ("+ light through albumentations, batch 32", over(lambda p, s: (resized(p, s), s), batched=True,
-                                                          albumentations=True)),
+        ("read", per_image(lambda p: tf.strings.length(tf.io.read_file(p)))),
+        ("decode only (libjpeg; lower bound)", per_image(lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3))),
+        ("image-contract decode (EXIF, conversions)", per_image(contract)),
+        ("+ resize to 224 (bilinear, antialiased)", per_image(lambda p: resize_image(contract(p), SIZE))),
+        ("make_pipeline, no augmentation, decoding every epoch", pipeline("none", False)),
+        ("make_pipeline, light, decoding every epoch", pipeline("light", False)),
+        ("make_pipeline, no augmentation, decoded once (later epochs)", lambda: pipeline("none", True)),
+        ("make_pipeline, light, decoded once (later epochs)", lambda: pipeline("light", True)),
     ]
     for name, dataset in stages:
-        yield name, rate(dataset, len(paths))
+        folder._pixels.clear()
+        yield name, rate(dataset() if callable(dataset) else dataset)
+
+
+def rate(dataset) -> float:
+    """Images/s of one pass (a batch of images or one image per element)."""
+    started, seen = time.perf_counter(), 0
+    for element in dataset:
+        images = element[0] if isinstance(element, tuple) else element
+        seen += int(images.shape[0]) if images.shape.rank == 4 else 1
+    return seen / (time.perf_counter() - started)
 
 
 def main():
@@ -122,34 +109,33 @@ def main():
     from restransfer import data
 
     folder = data.image_folder(args.data, progress=False)
-    sets = [(f"{Path(args.data).parent.name}/{Path(args.data).name} ({len(folder)} JPEGs, ~500x375)", folder.paths * 3)]
+    sets = [(f"{Path(args.data).parent.name}/{Path(args.data).name} ({len(folder)} JPEGs, ~500x375)", folder)]
+    generated = None
     if args.generated:
-        generated = generate(args.cache, args.generated)
+        generate(args.cache, args.generated)
+        generated = data.image_folder(args.cache, progress=False)
         pick = np.random.default_rng(1).choice(len(generated), args.per_stage, replace=False)
-        sets.append((f"generated ({args.generated} JPEGs of 500x375, {args.per_stage} read per stage)",
-                     [generated[i] for i in pick]))
-    print(f"{os.cpu_count()} cores; {SIZE} px; images/s (per core = with 1 thread; 2 threads: total and per core)\n")
-    for title, paths in sets:
-        one = dict(stage_rows(paths, 1, args.batch))
-        two = dict(stage_rows(paths, 2, args.batch))
-        print(f"**{title}**\n\n| stage | 1 core | 2 cores | per core at 2 | scaling |\n|---|---|---|---|---|")
+        sets.append((f"generated: {args.per_stage} of the {len(generated)} JPEGs of 500x375", generated.subset(pick)))
+    print(f"{os.cpu_count()} cores; {SIZE} px; batch {args.batch}; images/s. \"1 core\": one tf.data thread "
+          f"and one thread per op; \"2 cores\": two of each.\n")
+    for title, images in sets:
+        one = dict(stage_rows(images, 1, args.batch))
+        two = dict(stage_rows(images, 2, args.batch))
+        print(f"**{title}**\n\n| stage | 1 core | 2 cores | per core at 2 | scaling 1 -> 2 |\n|---|---|---|---|---|")
         for name in one:
             print(f"| {name} | {one[name]:.0f} | {two[name]:.0f} | {two[name] / 2:.0f} | {two[name] / one[name] / 2:.0%} |")
-        print()
-
-    # make_pipeline as fit uses it: AUTOTUNE, every core, three epochs after a warm-up
-    print("**`make_pipeline` as `fit` uses it (AUTOTUNE, all cores), hymenoptera**\n\n| augmentation | images/s |\n|---|---|")
-    for augmentation in ("none", "light", "medical", "medium"):
-        pipeline = data.make_pipeline(folder, SIZE, args.batch, training=True, augmentation=augmentation,
-                                      seed=0, epochs=4)
-        batches = iter(pipeline)
-        for _ in range(len(folder) // args.batch):  # the first epoch: warm-up
-            next(batches)
-        started, seen = time.perf_counter(), 0
-        for images, _ in batches:
-            seen += int(images.shape[0])
-        print(f"| {augmentation}{' (albumentations)' if augmentation == 'medium' else ''} | "
-              f"{seen / (time.perf_counter() - started):.0f} |")
+        print(flush=True)
+    if generated is not None:  # the whole set as fit reads it: AUTOTUNE, every core
+        print(f"**all {len(generated)} generated JPEGs through `make_pipeline` (light, AUTOTUNE, all cores)**\n\n"
+              "| epoch | images/s |\n|---|---|")
+        started = time.perf_counter()  # the first epoch's decoding happens in make_pipeline
+        pipeline = data.make_pipeline(generated, SIZE, args.batch, training=True, augmentation="light", seed=0, epochs=2)
+        batches, per_epoch = iter(pipeline), -(-len(generated) // args.batch)
+        for label in ("first (decodes, keeps the pixels)", "second (decoded once)"):
+            started, seen = started if "first" in label else time.perf_counter(), 0
+            for _ in range(per_epoch):
+                seen += int(next(batches)[0].shape[0])
+            print(f"| {label} | {seen / (time.perf_counter() - started):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

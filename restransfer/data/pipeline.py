@@ -37,18 +37,23 @@ def resized_pixels(data, image_size: int, quantised: bool = False, limit: int = 
                      len(data), image_size, size / 2**30, limit / 2**30)
         return None
     if key not in data._pixels:
+        import time
+
         import tensorflow as tf
 
         def prepare(image, _):
             image = resize_image(image, image_size)
             return quantise(image) if quantised else image
 
+        started = time.perf_counter()
         pixels = np.empty((len(data), image_size, image_size, data.channels), dtype)
         start = 0
         for batch in data.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(64):
             pixels[start: start + len(batch)] = batch.numpy()
             start += len(batch)
         data._pixels[key] = pixels
+        log.info("decoded %d images once at %d px (%.1f GB, %.0f s)", len(data), image_size,
+                 pixels.nbytes / 2**30, time.perf_counter() - started)
     return data._pixels[key]
 
 
