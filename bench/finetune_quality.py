@@ -238,6 +238,23 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
                 ratio = margin / se if se > 0 else float("inf")
                 verdict = "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
                 lines.append(f"| {dataset} | {epochs} | {name} | {margin:+.3f} | {se:.3f} | {ratio:+.1f} | {verdict} |")
+    aucs = [(dataset, epochs, name) for dataset in datasets if dataset == "brain_mri"
+            for epochs in sorted({r["epochs"] for r in runs}) for name in (*RIVALS, *ABLATIONS)
+            if grouped.get((dataset, DEFAULT, epochs)) and grouped.get((dataset, name, epochs))]
+    if aucs:
+        lines += ["", "brain MRI, AUC (threshold-free; accuracy there is close to the majority class's share "
+                  "for most plans): margin = mean over folds of the paired AUC difference, SE = its sd / "
+                  "sqrt(folds):", "", "| budget | default − plan | AUC margin | SE | margin / SE | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for dataset, epochs, name in aucs:
+            theirs = {r["replicate"]: r["auc"] for r in grouped[dataset, name, epochs]}
+            diffs = [r["auc"] - theirs[r["replicate"]] for r in grouped[dataset, DEFAULT, epochs] if r["replicate"] in theirs]
+            if len(diffs) < 2:
+                continue
+            margin, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+            ratio = margin / se if se > 0 else float("inf")
+            verdict = "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
+            lines.append(f"| {epochs} | {name} | {margin:+.3f} | {se:.3f} | {ratio:+.1f} | {verdict} |")
     total = sum(r["seconds"] for r in runs)
     lines += ["", f"{len(runs)} runs; training + scoring time summed over runs: {total / 60:.1f} min"
               + (f"; wall time of this invocation: {wall_seconds / 60:.1f} min" if wall_seconds else "") + "."]
