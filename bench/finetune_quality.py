@@ -14,7 +14,9 @@ Data (../shared/data), 64 px (the stand-in's source resolution):
   * brain_mri: stratified 5-fold CV (253 images), one run per fold with seed = fold index,
     so every image is scored once per plan: the replicates are the folds.
 
-Two tiers, so the whole benchmark fits in about an hour on 2 cores:
+Two tiers, run in this order (the whole matrix: ~6 hours on 2 cores, estimated from the
+measured per-run times -- not the hour
+issue 17 asks for; the comparison at 12 epochs alone ~1.5 hours):
   * the comparison the default must win -- default, keras_guide, from scratch, linear probe
     -- at two budgets (6 and 12 epochs);
   * the candidates that could change the default -- gradual unfreezing, train_bn, EMA, label
