@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from restransfer.data.decoding import resize_image
 
 log = logging.getLogger("restransfer.data")
 
-# Decoded, resized images a pipeline keeps in memory (float32, per data set and image size).
+# The most memory decoded, resized images may take per data set and image size (bytes).
 PIXEL_CACHE_BYTES = 4 * 2**30
 
 
@@ -37,8 +38,6 @@ def resized_pixels(data, image_size: int, quantised: bool = False, limit: int = 
                      len(data), image_size, size / 2**30, limit / 2**30)
         return None
     if key not in data._pixels:
-        import time
-
         import tensorflow as tf
 
         def prepare(image, _):
