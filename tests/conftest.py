@@ -8,6 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+import restransfer  # noqa: F401  (before any TensorFlow import: it chooses TF's CPU kernels)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESTRANSFER_SHARED", REPO.parent / "shared"))
 PARITY = SHARED / "fixtures" / "parity"
