@@ -14,9 +14,9 @@ Data (../shared/data), 64 px (the stand-in's source resolution):
   * brain_mri: stratified 5-fold CV (253 images), one run per fold with seed = fold index,
     so every image is scored once per plan: the replicates are the folds.
 
-Two tiers, run in this order (the whole matrix: ~6 hours on 2 cores, estimated from the
-measured per-run times -- not the hour
-issue 17 asks for; the comparison at 12 epochs alone ~1.5 hours):
+Two tiers, run in this order (the whole matrix: ~3.9 hours on 2 cores with oneDNN, estimated
+from the measured per-run times and printed with the report -- not the hour issue 17 asks for;
+the comparison alone ~1.4 hours):
   * the comparison the default must win -- default, keras_guide, from scratch, linear probe
     -- at two budgets (6 and 12 epochs);
   * the candidates that could change the default -- gradual unfreezing, train_bn, EMA, label
@@ -53,7 +53,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -124,6 +123,7 @@ def replicate_names(dataset: str, seeds: int, folds: int) -> list[str]:
 def _worker_start(threads: int):
     """Each worker process trains with ``threads`` threads: two one-thread workers keep both
     cores busy through the single-threaded parts (tracing, Python) as well."""
+    import restransfer  # noqa: F401  (first: it turns TensorFlow's oneDNN CPU kernels on)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -146,6 +146,8 @@ def run_once(name: str, epochs: int, seed: int, train, held_out, size: int) -> d
     import keras
     from sklearn.metrics import roc_auc_score
 
+    from tensorflow.python.util import _pywrap_util_port
+
     import restransfer as rt
 
     keras.backend.clear_session()
@@ -158,7 +160,7 @@ def run_once(name: str, epochs: int, seed: int, train, held_out, size: int) -> d
     seconds = time.perf_counter() - started
     correct = (probabilities.argmax(axis=1) == held_out.labels)
     auc = float(roc_auc_score(held_out.labels, probabilities[:, 1])) if held_out.num_classes == 2 else None
-    return dict(accuracy=float(correct.mean()), auc=auc, seconds=seconds,
+    return dict(accuracy=float(correct.mean()), auc=auc, seconds=seconds, onednn=_pywrap_util_port.IsMklEnabled(),
                 correct=correct.astype(int).tolist(), paths=[Path(p).name for p in held_out.paths])
 
 
@@ -207,6 +209,29 @@ def difference(ours: list[dict], theirs: list[dict]):
     return margin, math.sqrt(se_images ** 2 + se_seeds ** 2)
 
 
+def matrix_cost(runs: list[dict], seeds: int = 3, folds: int = 5, budgets=(12, 6), ablation_budget: int = 12,
+                workers: int = 2) -> float:
+    """Estimated wall seconds of the whole matrix on ``workers`` cores with oneDNN: each cell's
+    mean oneDNN run time (a cell without such runs: its runs before oneDNN / 2.5, the ratio
+    measured on the same run; an ablation without runs: the default's time at that budget)."""
+    def seconds(dataset, name, epochs):
+        group = [r for r in runs if (r["dataset"], r["plan"], r["epochs"]) == (dataset, name, epochs)]
+        fast = [r["seconds"] for r in group if r.get("onednn")]
+        if fast:
+            return statistics.mean(fast)
+        if group:
+            return statistics.mean(r["seconds"] for r in group) / 2.5
+        return seconds(dataset, DEFAULT, epochs) if name != DEFAULT else 0.0
+
+    total = 0.0
+    for dataset in ("hymenoptera", "cifar10_small", "brain_mri"):
+        replicas = folds if dataset == "brain_mri" else seeds
+        cells = [(name, epochs) for epochs in budgets for name in COMPARISON]
+        cells += [(name, ablation_budget) for name in ABLATIONS]
+        total += replicas * sum(seconds(dataset, name, epochs) for name, epochs in cells)
+    return total / workers
+
+
 def report(runs: list[dict], wall_seconds: float | None) -> str:
     datasets = [d for d in ("hymenoptera", "cifar10_small", "brain_mri") if any(r["dataset"] == d for r in runs)]
     grouped: dict[tuple, list] = {}
@@ -220,9 +245,11 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
                 if not group:
                     continue
                 aucs = [r["auc"] for r in group if r["auc"] is not None]
+                fast = [r["seconds"] for r in group if r.get("onednn")]
+                seconds = f"{statistics.mean(fast):.0f}" if fast else \
+                    f"{statistics.mean(r['seconds'] for r in group):.0f} (before oneDNN)"
                 lines.append(f"| {dataset} | {epochs} | {name} | {mean_sd([r['accuracy'] for r in group])} | "
-                             f"{mean_sd(aucs) if dataset == 'brain_mri' else '–'} | {len(group)} | "
-                             f"{statistics.mean(r['seconds'] for r in group):.0f} |")
+                             f"{mean_sd(aucs) if dataset == 'brain_mri' else '–'} | {len(group)} | {seconds} |")
     lines += ["", "Margins of the default (accuracy; SE of the difference as in the module docstring; "
               "\"wins\" when the margin exceeds 2 SE):", "",
               "| dataset | budget | default − plan | margin | SE | margin / SE | verdict |", "|---|---|---|---|---|---|---|"]
@@ -258,8 +285,13 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
             verdict = "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
             lines.append(f"| {epochs} | {name} | {margin:+.3f} | {se:.3f} | {ratio:+.1f} | {verdict} |")
     total = sum(r["seconds"] for r in runs)
-    lines += ["", f"{len(runs)} runs; training + scoring time summed over runs: {total / 60:.1f} min"
-              + (f"; wall time of this invocation: {wall_seconds / 60:.1f} min" if wall_seconds else "") + "."]
+    lines += ["", f"The whole matrix (4 plans x budgets 12 and 6, 8 ablations at 12; 3 seeds, 5 folds), "
+              f"estimated from these runs' times with oneDNN, two runs at a time: "
+              f"{matrix_cost(runs) / 3600:.1f} hours."]
+    before = sum(1 for r in runs if not r.get("onednn"))
+    lines += ["", f"{len(runs)} runs ({before} of them before restransfer turned TensorFlow's oneDNN CPU "
+              f"kernels on, 2.5x slower; same plans and seeds); training + scoring time summed over runs: "
+              f"{total / 60:.1f} min" + (f"; wall time of this invocation: {wall_seconds / 60:.1f} min" if wall_seconds else "") + "."]
     return "\n".join(lines) + "\n"
 
 
