@@ -4,8 +4,8 @@ kernels (restransfer turns them on when it is imported first; see restransfer/__
     .venv/bin/python bench/cpu_training.py [--size 64] [--batch 32]
 
 Each configuration runs in a fresh process (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at
-import). Random pixels, random init: speed only. One warm-up epoch (tracing), then two timed
-epochs of 8 steps through ``Model.fit``, and two ``predict`` passes.
+import). Random pixels, random init: speed only. One warm-up epoch (tracing), then the best of
+three epochs of 8 steps through ``Model.fit``, and likewise of three ``predict`` passes.
 """
 
 from __future__ import annotations

@@ -209,6 +209,21 @@ def difference(ours: list[dict], theirs: list[dict]):
     return margin, math.sqrt(se_images ** 2 + se_seeds ** 2)
 
 
+ONEDNN_SPEEDUP = 2.5  # measured: the same ants/bees run took 193 s without oneDNN, 78 s with it
+
+
+def judge(margin: float, se: float) -> tuple[float, str]:
+    """margin / SE and the verdict: a plan wins when it is more than 2 SE ahead."""
+    ratio = margin / se if se > 0 else float("inf")
+    return ratio, "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
+
+
+def onednn_seconds(group: list[dict]) -> float | None:
+    """Mean seconds of a cell's runs made with oneDNN on; None when it has none."""
+    fast = [r["seconds"] for r in group if r.get("onednn")]
+    return statistics.mean(fast) if fast else None
+
+
 def matrix_cost(runs: list[dict], seeds: int = 3, folds: int = 5, budgets=(12, 6), ablation_budget: int = 12,
                 workers: int = 2) -> float:
     """Estimated wall seconds of the whole matrix on ``workers`` cores with oneDNN: each cell's
@@ -216,11 +231,10 @@ def matrix_cost(runs: list[dict], seeds: int = 3, folds: int = 5, budgets=(12, 6
     measured on the same run; an ablation without runs: the default's time at that budget)."""
     def seconds(dataset, name, epochs):
         group = [r for r in runs if (r["dataset"], r["plan"], r["epochs"]) == (dataset, name, epochs)]
-        fast = [r["seconds"] for r in group if r.get("onednn")]
-        if fast:
-            return statistics.mean(fast)
+        if onednn_seconds(group) is not None:
+            return onednn_seconds(group)
         if group:
-            return statistics.mean(r["seconds"] for r in group) / 2.5
+            return statistics.mean(r["seconds"] for r in group) / ONEDNN_SPEEDUP
         return seconds(dataset, DEFAULT, epochs) if name != DEFAULT else 0.0
 
     total = 0.0
@@ -245,8 +259,8 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
                 if not group:
                     continue
                 aucs = [r["auc"] for r in group if r["auc"] is not None]
-                fast = [r["seconds"] for r in group if r.get("onednn")]
-                seconds = f"{statistics.mean(fast):.0f}" if fast else \
+                fast = onednn_seconds(group)
+                seconds = f"{fast:.0f}" if fast is not None else \
                     f"{statistics.mean(r['seconds'] for r in group):.0f} (before oneDNN)"
                 lines.append(f"| {dataset} | {epochs} | {name} | {mean_sd([r['accuracy'] for r in group])} | "
                              f"{mean_sd(aucs) if dataset == 'brain_mri' else '–'} | {len(group)} | {seconds} |")
@@ -264,8 +278,7 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
                 if result is None:
                     continue
                 margin, se = result
-                ratio = margin / se if se > 0 else float("inf")
-                verdict = "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
+                ratio, verdict = judge(margin, se)
                 lines.append(f"| {dataset} | {epochs} | {name} | {margin:+.3f} | {se:.3f} | {ratio:+.1f} | {verdict} |")
     aucs = [(dataset, epochs, name) for dataset in datasets if dataset == "brain_mri"
             for epochs in sorted({r["epochs"] for r in runs}) for name in (*RIVALS, *ABLATIONS)
@@ -281,8 +294,7 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
             if len(diffs) < 2:
                 continue
             margin, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-            ratio = margin / se if se > 0 else float("inf")
-            verdict = "default wins (> 2 SE)" if ratio > 2 else ("plan wins (> 2 SE)" if ratio < -2 else "within 2 SE")
+            ratio, verdict = judge(margin, se)
             lines.append(f"| {epochs} | {name} | {margin:+.3f} | {se:.3f} | {ratio:+.1f} | {verdict} |")
     total = sum(r["seconds"] for r in runs)
     lines += ["", f"The whole matrix (4 plans x budgets 12 and 6, 8 ablations at 12; 3 seeds, 5 folds), "
@@ -290,7 +302,7 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
               f"{matrix_cost(runs) / 3600:.1f} hours."]
     before = sum(1 for r in runs if not r.get("onednn"))
     lines += ["", f"{len(runs)} runs ({before} of them before restransfer turned TensorFlow's oneDNN CPU "
-              f"kernels on, 2.5x slower; same plans and seeds); training + scoring time summed over runs: "
+              f"kernels on, {ONEDNN_SPEEDUP}x slower; same plans and seeds); training + scoring time summed over runs: "
               f"{total / 60:.1f} min" + (f"; wall time of this invocation: {wall_seconds / 60:.1f} min" if wall_seconds else "") + "."]
     return "\n".join(lines) + "\n"
 

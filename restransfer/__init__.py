@@ -16,7 +16,7 @@ import importlib
 import os
 
 # TensorFlow turns its oneDNN CPU kernels on by itself only on some x86 CPUs (not on AMD EPYC,
-# for one); with them a ResNet-18 training step runs ~3.5x faster on such a CPU
+# for one); with them a ResNet-18 training step ran ~3.8x faster on one such core
 # (bench/cpu_training.py). TensorFlow reads this once, when it is imported, so it takes effect
 # only where restransfer is imported first; TF_ENABLE_ONEDNN_OPTS=0 in the environment wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
