@@ -108,7 +108,9 @@ def preset(name: str, epochs: int = 6, lr: float = 1e-3, lr_mult: float = 0.4) -
     * ``keras_guide``: the Keras transfer-learning guide: head with the backbone frozen,
       then everything at 1e-5 (constant rates, Adam).
     * ``two_phase``: fastai ``fine_tune``: one-cycle on the head, then unfreeze everything
-      with discriminative rates (stem 100x below the head) on a one-cycle at lr/2.
+      with discriminative rates (stem 100x below the head) on a one-cycle at lr/2. As in
+      fastai (``train_bn=True``), the frozen backbone's BatchNorm layers train during the
+      head phase, so their statistics adapt to the new images before the convolutions move.
     * ``gradual``: ULMFiT-style: the head, then one more stage per phase from the top,
       with discriminative rates.
     """
@@ -122,7 +124,7 @@ def preset(name: str, epochs: int = 6, lr: float = 1e-3, lr_mult: float = 0.4) -
                 Phase("all", epochs=epochs - first, lr=1e-5, schedule="constant")]
     if name == "two_phase":
         first = max(1, epochs // 4)
-        return [Phase("head", epochs=first, lr=lr * 2, schedule="one_cycle"),
+        return [Phase("head", epochs=first, lr=lr * 2, schedule="one_cycle", train_bn=True),
                 Phase("all", epochs=epochs - first, lr=lr, schedule="one_cycle", lr_mult=lr_mult)]
     if name == "gradual":
         tops = ["head", "stage4", "stage3+", "stage2+", "all"]

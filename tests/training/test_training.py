@@ -8,7 +8,7 @@ import tensorflow as tf
 import restransfer as rt
 from restransfer.models import stages
 from restransfer.training.lr_finder import find_lr
-from restransfer.training.phases import Phase, preset
+from restransfer.training.phases import Phase, default_phases, preset
 from restransfer.training.optimizers import lr_multipliers, make_optimizer
 from restransfer.training.schedules import OneCycle, learning_rate
 from restransfer.models.heads import ClassifierHead
@@ -131,6 +131,22 @@ def test_train_bn_policy_updates_frozen_batchnorm():
         compile_model(model, keras.optimizers.SGD(0.01), multi_label=False)
         model.train_on_batch(x, np.eye(2, dtype="float32")[[0, 1, 0, 1]])
         assert (not np.allclose(before, bn.moving_mean.numpy())) == changes
+
+
+def test_default_head_phase_adapts_batchnorm_but_keeps_convolutions(tiny_folder):
+    """The default plan's first phase trains the head and the frozen backbone's BatchNorm
+    (fastai's train_bn): statistics move toward the new images, convolution kernels do not."""
+    head_phase = default_phases()[0]
+    assert head_phase.trainable == "head"
+    recipe = rt.ClassificationRecipe(
+        backbone="resnet18", weights=None, class_names=["bright", "dark"], image_size=32, batch_size=8,
+        augmentation="none", early_stopping_patience=None, phases=[head_phase.model_copy(update={"epochs": 1})])
+    model = recipe.build()
+    conv, bn = model.get_layer("resnet18").get_layer("conv1_conv"), model.get_layer("resnet18").get_layer("conv1_bn")
+    kernel, moving_mean = np.copy(conv.kernel.numpy()), np.copy(bn.moving_mean.numpy())
+    recipe.fit(tiny_folder, verbose=0)
+    np.testing.assert_array_equal(conv.kernel.numpy(), kernel)
+    assert not np.allclose(bn.moving_mean.numpy(), moving_mean)
 
 
 def test_lr_finder_restores_weights_and_suggests(tmp_path):
