@@ -19,9 +19,9 @@ from the measured per-run times and printed with the report -- not the hour issu
 the comparison alone ~1.4 hours):
   * the comparison the default must win -- default, keras_guide, from scratch, linear probe
     -- at two budgets (6 and 12 epochs);
-  * the candidates that could change the default -- gradual unfreezing, train_bn, EMA, label
-    smoothing, MixUp, a longer head phase, other lr_mult -- at 12 epochs, each an ablation of
-    the default (one change).
+  * the candidates that could change the default -- gradual unfreezing, the head phase with
+    BatchNorm frozen (the default before these runs), EMA, label smoothing, MixUp, a longer
+    head phase, other lr_mult -- at 12 epochs, each an ablation of the default (one change).
 The linear probe trains on cached backbone features of the un-augmented images (restransfer's
 feature cache), so it costs one forward pass.
 
@@ -31,6 +31,9 @@ use both cores where one two-thread run would leave one idle.
 
 Every run is appended to ``bench/finetune_quality/runs.jsonl`` (per-image correctness kept),
 and runs already there are skipped: an interrupted benchmark continues where it stopped.
+``bench/finetune_quality/previous_default/`` keeps every run made while the default's head
+phase froze BatchNorm, under the names of that time ("default (two_phase)" = BN frozen; the
+ablations built on it); ``--out`` that folder ``--report-only`` gives its report.
 Margins: the mean accuracy difference between two plans over the seeds (folds), with a
 standard error that counts both sources of noise: the seeds (sd of the per-seed differences
 / sqrt(seeds)) and the finite set of held-out images (sd over images of the per-image
@@ -61,7 +64,8 @@ OUT = REPO / "bench" / "finetune_quality"
 DEFAULT = "default (two_phase)"
 RIVALS = ("keras_guide", "from scratch", "linear probe")
 COMPARISON = (DEFAULT, *RIVALS)
-ABLATIONS = ("gradual", "two_phase + train_bn", "two_phase + EMA", "two_phase + label smoothing 0.1",
+FROZEN_BN = "two_phase, BN frozen in the head phase"  # the default until issue 17's runs
+ABLATIONS = ("gradual", FROZEN_BN, "two_phase + EMA", "two_phase + label smoothing 0.1",
              "two_phase + MixUp 0.2", "two_phase, head for half the budget", "two_phase, lr_mult 0.6",
              "two_phase, lr_mult 0.2")
 
@@ -83,8 +87,8 @@ def plan(name: str, epochs: int) -> dict:
         return dict(base, augmentation="none", cache_features=True, phases=preset("head_only", epochs))
     if name == "gradual":
         return dict(base, phases=preset("gradual", epochs))
-    if name == "two_phase + train_bn":
-        return dict(base, phases=[p.model_copy(update={"train_bn": True}) for p in two_phase])
+    if name == FROZEN_BN:
+        return dict(base, phases=[p.model_copy(update={"train_bn": False}) for p in two_phase])
     if name == "two_phase + EMA":
         return dict(base, phases=with_full(ema=True))
     if name == "two_phase + label smoothing 0.1":
@@ -246,6 +250,27 @@ def matrix_cost(runs: list[dict], seeds: int = 3, folds: int = 5, budgets=(12, 6
     return total / workers
 
 
+# bench/cpu_training.py: a ResNet-18 training step at 64 px, batch 32, one thread, oneDNN on
+TRAIN_IMAGES_PER_SECOND_PER_CORE = 46.7
+
+
+def full_network_floor(seeds: int = 3, folds: int = 5, budgets=(12, 6), ablation_budget: int = 12,
+                       cores: int = 2) -> tuple[int, float]:
+    """A lower bound on the matrix's wall time: the images that pass forward and backward
+    through a fully trainable network (phases with ``trainable="all"``), at the measured
+    training speed on every core, with nothing else counted (head phases, scoring, tracing,
+    two runs sharing the memory bus). Returns (images, seconds)."""
+    images = 0
+    for dataset in ("hymenoptera", "cifar10_small", "brain_mri"):
+        replicas = _replicates(dataset, seeds, folds)
+        cells = [(name, epochs) for epochs in budgets for name in COMPARISON]
+        cells += [(name, ablation_budget) for name in ABLATIONS]
+        for name, epochs in cells:
+            full_epochs = sum(p.epochs for p in plan(name, epochs)["phases"] if p.trainable == "all")
+            images += full_epochs * sum(len(train) for _, _, train, _ in replicas)
+    return images, images / (TRAIN_IMAGES_PER_SECOND_PER_CORE * cores)
+
+
 def report(runs: list[dict], wall_seconds: float | None) -> str:
     datasets = [d for d in ("hymenoptera", "cifar10_small", "brain_mri") if any(r["dataset"] == d for r in runs)]
     grouped: dict[tuple, list] = {}
@@ -300,6 +325,10 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
     lines += ["", f"The whole matrix (4 plans x budgets 12 and 6, 8 ablations at 12; 3 seeds, 5 folds), "
               f"estimated from these runs' times with oneDNN, two runs at a time: "
               f"{matrix_cost(runs) / 3600:.1f} hours."]
+    images, floor = full_network_floor()
+    lines += ["", f"Lower bound on 2 cores: its full-network phases alone pass {images:,} images forward and "
+              f"backward, {floor / 3600:.1f} hours at {TRAIN_IMAGES_PER_SECOND_PER_CORE} images/s a core "
+              f"(bench/cpu_training.py), before head phases, scoring and tracing."]
     before = sum(1 for r in runs if not r.get("onednn"))
     lines += ["", f"{len(runs)} runs ({before} of them before restransfer turned TensorFlow's oneDNN CPU "
               f"kernels on, {ONEDNN_SPEEDUP}x slower; same plans and seeds); training + scoring time summed over runs: "
