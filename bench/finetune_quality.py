@@ -14,9 +14,9 @@ Data (../shared/data), 64 px (the stand-in's source resolution):
   * brain_mri: stratified 5-fold CV (253 images), one run per fold with seed = fold index,
     so every image is scored once per plan: the replicates are the folds.
 
-Two tiers, run in this order (the whole matrix: ~3.9 hours on 2 cores with oneDNN, estimated
-from the measured per-run times and printed with the report -- not the hour issue 17 asks for;
-the comparison alone ~1.4 hours):
+Two tiers, run in this order (the whole matrix: ~3.3 hours on 2 cores with oneDNN, estimated
+from the measured per-run times and printed with the report -- not the hour issue 17 asks for,
+and the report's lower bound, the full-network epochs alone, is 1.5 hours):
   * the comparison the default must win -- default, keras_guide, from scratch, linear probe
     -- at two budgets (6 and 12 epochs);
   * the candidates that could change the default -- gradual unfreezing, the head phase with

@@ -8,8 +8,8 @@ train on cached features:
 * cell 2: a full phase with AdamW + weight decay, MixUp, EMA and early stopping (patience 1);
 * cell 3: a cached head phase after a full phase.
 
-An augmented head phase is the cell of
-``test_runs.py::test_kill_during_training_then_resume_matches_an_uninterrupted_run``. One
+An augmented head phase whose BatchNorm trains (the default plan's, ``train_bn``) is the cell
+of ``test_runs.py::test_kill_during_training_then_resume_matches_an_uninterrupted_run``. One
 kill chain instead of one run per cell keeps the suite's time down; ``metrics.csv`` is
 compared row by row, so a failure names the cell (the phase) whose resume went wrong.
 """

@@ -28,7 +28,7 @@ def folder_recipe(tmp_path, folder, name="tiny", **extra):
         input: {{image_size: 32}}
         data: {{source: {folder}, batch_size: 8, augmentation: light}}
         fine_tune:
-          - {{trainable: head, epochs: 2, lr: 0.01, schedule: one_cycle}}
+          - {{trainable: head, epochs: 2, lr: 0.01, schedule: one_cycle, train_bn: true}}  # as the default's
           - {{trainable: all, epochs: 2, lr: 0.001, schedule: one_cycle, lr_mult: 0.5}}
         training: {{early_stopping_patience: null, deterministic: true}}
         export: {{enabled: false}}
@@ -214,7 +214,7 @@ def test_a_recipe_file_and_the_equivalent_python_give_the_same_model(tmp_path, t
     from_yaml.fit(str(tiny_folder / "train"), verbose=0)
     by_hand = rt.ClassificationRecipe(
         backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation="light",
-        phases=[Phase("head", epochs=2, lr=0.01, schedule="one_cycle"),
+        phases=[Phase("head", epochs=2, lr=0.01, schedule="one_cycle", train_bn=True),
                 Phase("all", epochs=2, lr=0.001, schedule="one_cycle", lr_mult=0.5)],
         early_stopping_patience=None, deterministic=True, seed=0)
     by_hand.fit(tiny_folder / "train", verbose=0)
