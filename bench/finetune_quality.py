@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "resnet18_standin.pth"
 OUT = REPO / "bench" / "finetune_quality"
+DATASETS = ("hymenoptera", "cifar10_small", "brain_mri")
 DEFAULT = "default (two_phase)"
 RIVALS = ("keras_guide", "from scratch", "linear probe")
 COMPARISON = (DEFAULT, *RIVALS)
@@ -102,6 +103,17 @@ def plan(name: str, epochs: int) -> dict:
     if name.startswith("two_phase, lr_mult "):
         return dict(base, phases=with_full(lr_mult=float(name.rsplit(" ", 1)[1])))
     raise ValueError(f"unknown plan {name!r}")
+
+
+def matrix_tiers(budgets, ablation_budget: int) -> list[list[tuple[str, int]]]:
+    """The (plan, epochs) cells of the matrix in the order they run: the comparison at each
+    budget, then the ablations."""
+    tiers = [[(name, epochs) for name in COMPARISON] for epochs in budgets]
+    return tiers + [[(name, ablation_budget) for name in ABLATIONS]]
+
+
+def matrix_cells(budgets, ablation_budget: int) -> list[tuple[str, int]]:
+    return [cell for tier in matrix_tiers(budgets, ablation_budget) for cell in tier]
 
 
 def replicates(dataset: str, seeds: int, folds: int):
@@ -235,18 +247,17 @@ def matrix_cost(runs: list[dict], seeds: int = 3, folds: int = 5, budgets=(12, 6
     measured on the same run; an ablation without runs: the default's time at that budget)."""
     def seconds(dataset, name, epochs):
         group = [r for r in runs if (r["dataset"], r["plan"], r["epochs"]) == (dataset, name, epochs)]
-        if onednn_seconds(group) is not None:
-            return onednn_seconds(group)
+        fast = onednn_seconds(group)
+        if fast is not None:
+            return fast
         if group:
             return statistics.mean(r["seconds"] for r in group) / ONEDNN_SPEEDUP
         return seconds(dataset, DEFAULT, epochs) if name != DEFAULT else 0.0
 
     total = 0.0
-    for dataset in ("hymenoptera", "cifar10_small", "brain_mri"):
+    for dataset in DATASETS:
         replicas = folds if dataset == "brain_mri" else seeds
-        cells = [(name, epochs) for epochs in budgets for name in COMPARISON]
-        cells += [(name, ablation_budget) for name in ABLATIONS]
-        total += replicas * sum(seconds(dataset, name, epochs) for name, epochs in cells)
+        total += replicas * sum(seconds(dataset, name, epochs) for name, epochs in matrix_cells(budgets, ablation_budget))
     return total / workers
 
 
@@ -261,18 +272,16 @@ def full_network_floor(seeds: int = 3, folds: int = 5, budgets=(12, 6), ablation
     training speed on every core, with nothing else counted (head phases, scoring, tracing,
     two runs sharing the memory bus). Returns (images, seconds)."""
     images = 0
-    for dataset in ("hymenoptera", "cifar10_small", "brain_mri"):
+    for dataset in DATASETS:
         replicas = _replicates(dataset, seeds, folds)
-        cells = [(name, epochs) for epochs in budgets for name in COMPARISON]
-        cells += [(name, ablation_budget) for name in ABLATIONS]
-        for name, epochs in cells:
+        for name, epochs in matrix_cells(budgets, ablation_budget):
             full_epochs = sum(p.epochs for p in plan(name, epochs)["phases"] if p.trainable == "all")
             images += full_epochs * sum(len(train) for _, _, train, _ in replicas)
     return images, images / (TRAIN_IMAGES_PER_SECOND_PER_CORE * cores)
 
 
 def report(runs: list[dict], wall_seconds: float | None) -> str:
-    datasets = [d for d in ("hymenoptera", "cifar10_small", "brain_mri") if any(r["dataset"] == d for r in runs)]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
     grouped: dict[tuple, list] = {}
     for run in runs:
         grouped.setdefault((run["dataset"], run["plan"], run["epochs"]), []).append(run)
@@ -338,7 +347,7 @@ def report(runs: list[dict], wall_seconds: float | None) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["hymenoptera", "cifar10_small", "brain_mri"])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--budgets", nargs="+", type=int, default=[12, 6])
     parser.add_argument("--ablation-budget", type=int, default=12)
     parser.add_argument("--plans", nargs="+", default=None, help="only these plans (default: all)")
@@ -359,10 +368,8 @@ def main():
     if not args.report_only:
         done = {key(r) for r in runs}
         # the comparison first, one budget at a time (in the order given), then the ablations
-        tiers = [[(name, epochs) for name in COMPARISON] for epochs in args.budgets]
-        tiers.append([(name, args.ablation_budget) for name in ABLATIONS])
         tasks = []
-        for cells in tiers:
+        for cells in matrix_tiers(args.budgets, args.ablation_budget):
             for dataset in args.datasets:
                 for index, replicate in enumerate(replicate_names(dataset, args.seeds, args.folds)):
                     tasks += [(dataset, index, name, epochs) for name, epochs in cells
