@@ -1,11 +1,17 @@
-"""ResNet-18 training and inference speed on the CPU, with and without TensorFlow's oneDNN
-kernels (restransfer turns them on when it is imported first; see restransfer/__init__.py).
+"""Training speed on the CPU: restransfer's own training step against the same loop in PyTorch,
+side by side in one run (issue 31).
 
-    .venv/bin/python bench/cpu_training.py [--size 64] [--batch 32]
+    .venv/bin/python bench/cpu_training.py                       # ResNet-18/50, 128/224 px, 1/2 threads
+    .venv/bin/python bench/cpu_training.py --torch /tmp/torchenv/bin/python --nets resnet18 --sizes 128
 
-Each configuration runs in a fresh process (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at
-import). Random pixels, random init: speed only. One warm-up epoch (tracing), then the best of
-three epochs of 8 steps through ``Model.fit``, and likewise of three ``predict`` passes.
+restransfer: a ClassificationRecipe's model compiled by its objective for a full phase (Adam,
+its stage-rate optimizer, one-cycle schedule: what ``fit`` runs), trained through Keras ``fit``
+on random pixels (batch 32, 10 classes, random init), under each precision: ``float32`` and
+``mixed_bfloat16`` -- and ``auto``, what the recipe chooses on this CPU. PyTorch (when a Python
+with torch + torchvision is given; restransfer never depends on it): torchvision's model,
+Adam, cross-entropy, fp32, NCHW and channels-last (the faster is reported), ``torch.set_num_threads``.
+Each configuration runs in a fresh process, one warm-up epoch, then the best of three epochs
+of 6 steps (this VM's cores are shared and its timings noisy). Images per second.
 """
 
 from __future__ import annotations
@@ -16,49 +22,103 @@ import os
 import subprocess
 import sys
 
-CHILD = r"""
-import json, os, sys, time
-threads, size, batch = (int(a) for a in sys.argv[1:4])
-import restransfer  # first, as a user's script would
-import tensorflow as tf
-tf.config.threading.set_intra_op_parallelism_threads(threads)
-tf.config.threading.set_inter_op_parallelism_threads(threads)
-import keras, numpy as np
-from tensorflow.python.util import _pywrap_util_port as port
-from restransfer.models.backbones import build_backbone
-backbone = build_backbone("resnet18", weights=None, input_shape=(size, size, 3), pooling="avg")
-inputs = keras.Input((size, size, 3))
-model = keras.Model(inputs, keras.layers.Dense(10)(backbone(inputs)))
-model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-x = np.random.default_rng(0).uniform(0, 255, (8 * batch, size, size, 3)).astype("float32")
-y = np.random.default_rng(1).integers(0, 10, 8 * batch)
-def best_rate(work, repeats=3):  # best of three: this VM's cores are shared and its timings noisy
+RESTRANSFER = r"""
+import json, sys, time
+net, size, threads, batch, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+import restransfer as rt   # first, as a user's script would
+from restransfer.devices import apply_threads, configure_precision
+apply_threads(threads)
+import numpy as np
+from restransfer import Phase
+recipe = rt.ClassificationRecipe(backbone=net, weights=None, image_size=size, num_classes=10, precision=precision)
+model = recipe.build()
+chosen = configure_precision(precision)
+phase = Phase("all", epochs=1, lr=1e-3, schedule="one_cycle", lr_mult=0.4)
+from restransfer.models import stages
+from restransfer.training.objectives import ClassificationObjective
+from restransfer.training.optimizers import make_optimizer
+stages.set_trainable_stages(model, stages.parse_stages("all"))
+objective = ClassificationObjective(10)
+objective.compile(model, make_optimizer(model, phase, 6), phase)
+x = np.random.default_rng(0).uniform(0, 255, (6 * batch, size, size, 3)).astype("float32")
+y = np.eye(10, dtype="float32")[np.random.default_rng(1).integers(0, 10, 6 * batch)]
+def best(work, repeats=3):
     work()
     times = []
     for _ in range(repeats):
         started = time.perf_counter(); work(); times.append(time.perf_counter() - started)
-    return 8 * batch / min(times)
-train = best_rate(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0))
-infer = best_rate(lambda: model.predict(x, batch_size=batch, verbose=0))
-print(json.dumps(dict(onednn=port.IsMklEnabled(), train=train, predict=infer)))
+    return 6 * batch / min(times)
+train = best(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False))
+print(json.dumps({"train": train, "precision": chosen}))
 """
+
+TORCH = r"""
+import json, sys, time
+net, size, threads, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+import torch, torchvision
+torch.set_num_threads(threads)
+results = {}
+for layout in ("nchw", "channels_last"):
+    model = getattr(torchvision.models, net)(num_classes=10)
+    x = torch.rand(6 * batch, 3, size, size) * 255
+    y = torch.randint(0, 10, (6 * batch,))
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    loss = torch.nn.CrossEntropyLoss()
+    model.train()
+    def epoch():
+        for start in range(0, len(x), batch):
+            optimizer.zero_grad()
+            loss(model(x[start:start + batch] / 255), y[start:start + batch]).backward()
+            optimizer.step()
+    epoch()
+    times = []
+    for _ in range(3):
+        started = time.perf_counter(); epoch(); times.append(time.perf_counter() - started)
+    results[layout] = 6 * batch / min(times)
+print(json.dumps(results))
+"""
+
+
+def run(code, *args, python=sys.executable, env=None):
+    out = subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--nets", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--torch", default=None, help="a Python with torch and torchvision")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16", "auto"])
     args = parser.parse_args()
-    print(f"ResNet-18, {args.size} px, batch {args.batch}, images/s ({os.cpu_count()} cores here)")
-    print("| TF_ENABLE_ONEDNN_OPTS | oneDNN on | threads | train | predict |\n|---|---|---|---|---|")
-    for setting in ("0", "1"):
-        for threads in (1, 2):
-            env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="3")
-            out = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(args.size), str(args.batch)],
-                                 env=env, capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            print(f"| {setting} | {result['onednn']} | {threads} | {result['train']:.1f} | {result['predict']:.1f} |",
-                  flush=True)
+    from restransfer.devices import cpu_supports_bfloat16
+
+    print(f"{os.cpu_count()} cores; AVX512_BF16/AMX here: {cpu_supports_bfloat16()}; batch {args.batch}; images/s\n")
+    columns = [f"restransfer {p}" for p in args.precisions] + (["PyTorch fp32 (best layout)", "auto / PyTorch",
+                                                                "fp32 / PyTorch"] if args.torch else [])
+    print("| net | px | threads | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (3 + len(columns)))
+    for net in args.nets:
+        for size in args.sizes:
+            for threads in args.threads:
+                ours = {p: run(RESTRANSFER, net, size, threads, args.batch, p) for p in args.precisions}
+                cells = [f"{ours[p]['train']:.1f}" + (f" ({ours[p]['precision']})" if p == "auto" else "")
+                         for p in args.precisions]
+                if args.torch:
+                    theirs = run(TORCH, net, size, threads, args.batch, python=args.torch)
+                    best = max(theirs.values())
+                    cells += [f"{best:.1f} ({max(theirs, key=theirs.get)})",
+                              f"{ours.get('auto', ours[args.precisions[-1]])['train'] / best:.2f}",
+                              f"{ours['float32']['train'] / best:.2f}" if "float32" in ours else "-"]
+                print(f"| {net} | {size} | {threads} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ _LAZY = {
     "find_lr": "restransfer.training.lr_finder",
     "ClassificationRecipe": "restransfer.tasks.classification",
     "MedicalImagingRecipe": "restransfer.tasks.medical",
+    "SegmentationRecipe": "restransfer.tasks.segmentation",
+    "load": "restransfer.tasks.base",
     "export_saved_model": "restransfer.serving.export",
     "load_recipe": "restransfer.cli.config",
 }

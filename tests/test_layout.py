@@ -11,7 +11,7 @@ import restransfer
 
 PACKAGE = Path(restransfer.__file__).parent
 # lowest first; a module may import its own package and any package earlier in this list
-LAYERS = ["devices", "suggest", "data", "models", "training", "evaluation", "serving", "tasks", "cli"]
+LAYERS = ["paths", "net", "devices", "suggest", "data", "models", "training", "evaluation", "serving", "tasks", "cli"]
 
 
 def restransfer_imports(path: Path):

@@ -26,9 +26,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from restransfer.training.phases import PRESETS, Phase
 from restransfer.models.registry import get_spec
+from restransfer.paths import check_component
 from restransfer.suggest import unknown_name
+from restransfer.tasks.registry import TASKS
+from restransfer.training.phases import PRESETS, Phase
 
 
 class Strict(BaseModel):
@@ -58,6 +60,10 @@ class BackboneConfig(Strict):
 class InputConfig(Strict):
     image_size: int = Field(224, ge=32, le=1024)
     channels: Literal[1, 3] = 3
+    stem: Literal["replicate", "sum"] = Field(
+        "replicate", description="1 channel: gray replicated to RGB, or the pretrained first conv summed over RGB")
+    keep_precision: Literal["auto", True, False] = Field(
+        "auto", description="16-bit files at full precision (auto: when the training files have any)")
 
 
 class CsvConfig(Strict):
@@ -66,6 +72,8 @@ class CsvConfig(Strict):
     label_columns: list[str] | None = None
     separator: str | None = None
     group_column: str | None = None
+    image_column: str = Field("image", description="segmentation: the column of image paths")
+    mask_column: str = Field("mask", description="segmentation: the column of mask paths")
 
 
 class DataConfig(Strict):
@@ -75,7 +83,8 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     cv_folds: int | None = Field(None, ge=2, le=20)
     batch_size: int = Field(32, ge=1, le=4096)
-    augmentation: str | list[dict[str, Any]] = "light"
+    augmentation: str | list[dict[str, Any]] | None = Field(
+        None, description="a preset or a list of albumentations transforms; null: the task's default")
     bad_images: Literal["skip", "strict"] = "skip"
     download: bool = Field(True, json_schema_extra={"recipe_arg": "download_data"},
                            description="download TFDS datasets that are not prepared yet")
@@ -119,8 +128,9 @@ class MedicalConfig(Strict):
     class_weight: Literal["balanced"] | None = "balanced"
     focal_gamma: float | None = Field(None, gt=0, le=10)
     window: str | tuple[float, float] = Field("file", description="'file', a preset, or [centre, width]")
-    normalize: Literal["percentile", "minmax", "zscore"] = "percentile"
-    stem: Literal["replicate", "sum"] = "replicate"
+    normalize: Literal["auto", "percentile", "minmax", "zscore"] = Field(
+        "auto", description="how DICOM (without a window), NIfTI and 16-bit PNG/TIFF intensities map to 0-255; "
+                            "auto: percentile; 8-bit files are used as stored")
     threshold_method: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)
     positive_class: str | None = None
@@ -141,17 +151,49 @@ class MedicalConfig(Strict):
         return value
 
 
+class SegmentationConfig(Strict):
+    """Used when ``task: segmentation``."""
+
+    classes: list[str] | None = Field(None, min_length=2, json_schema_extra={"recipe_arg": "class_names"},
+                                      description="class names by mask value (0 first); default: from the masks")
+    decoder_widths: list[int] = Field([256, 128, 64, 32, 16], min_length=5, max_length=5)
+    ignore_index: int | None = Field(None, ge=0, le=255, description="mask value of pixels without truth")
+    mask_values: dict[int, int] | None = Field(None, description="stored mask value -> class id, e.g. {0: 0, 255: 1}")
+    class_weights: list[float] | None = None
+    loss: Literal["ce+dice", "ce", "dice"] = "ce+dice"
+    threshold: float | Literal["tune"] = Field(0.5, description="binary: the foreground threshold, or tune it on validation")
+
+    @field_validator("decoder_widths")
+    @classmethod
+    def _positive(cls, value):
+        if min(value) < 1:
+            raise ValueError(f"every width must be >= 1, got {value}")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _in_range(cls, value):
+        if value != "tune" and not 0 < value < 1:
+            raise ValueError(f"must be in (0, 1) or 'tune', got {value}")
+        return value
+
+
 class ExportConfig(Strict):
     enabled: bool = True
-    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: str | None = Field(None, description="the export's folder name (TF Serving --model_name)")
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_name(cls, value):
+        return value if value is None else check_component(value, "export model name")
     top_k: int = Field(5, ge=1)
 
 
 class RecipeConfig(Strict):
     """The whole recipe. ``fine_tune`` is a list of phases or a preset name."""
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification", "multilabel", "medical"] = "classification"
+    name: str | None = Field(None, description="the run directory's name inside output_dir")
+    task: Literal[tuple(TASKS)] = Field("classification", description="a task of restransfer.tasks.registry")
     backbone: BackboneConfig = BackboneConfig()
     input: InputConfig = InputConfig()
     data: DataConfig
@@ -160,9 +202,15 @@ class RecipeConfig(Strict):
     fine_tune_epochs: int = Field(6, ge=1, description="epoch budget when fine_tune is a preset")
     training: TrainingConfig = TrainingConfig()
     medical: MedicalConfig = MedicalConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     export: ExportConfig = ExportConfig()
     seed: int = Field(0, ge=0)
     output_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value):
+        return value if value is None else check_component(value, "run name")
 
     @field_validator("fine_tune")
     @classmethod
@@ -175,6 +223,13 @@ class RecipeConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        from restransfer.tasks.registry import default_augmentation
+
+        if self.data.augmentation is None:  # the task's own default, written into the resolved recipe
+            self.data.augmentation = default_augmentation(self.task)
+        if self.task == "segmentation" and "head" in self.model_fields_set:
+            raise ValueError("head: configures the classifier's head; a segmentation model's decoder is "
+                             "segmentation.decoder_widths")
         if self.task == "multilabel" and self.data.cv_folds:
             raise ValueError("cross-validation (data.cv_folds) is for single-label tasks")
         if self.training.distribute == "multi_worker" and self.data.cv_folds:
@@ -387,6 +442,10 @@ def apply_override(data: dict, assignment: str, positions: _Positions) -> None:
     for index, key in enumerate(keys[:-1]):
         following = keys[index + 1]
         if isinstance(key, int):
+            if isinstance(holder, str) and keys[0] == "fine_tune":  # a preset's name, not a list
+                raise RecipeError([f"--set {assignment}: fine_tune is the preset {holder!r} in this recipe, not a list "
+                                   "of phases: set fine_tune_epochs=N for its budget, or write the phases out "
+                                   "(see recipes/hymenoptera.yaml)"])
             if not isinstance(holder, list) or key >= len(holder):
                 raise RecipeError([f"--set {assignment}: {field_path(keys[:index + 1])} does not exist"])
             holder = holder[key]
@@ -449,7 +508,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_paths:
     data = _load_with_extends(path, positions)
     for assignment in overrides:
         apply_override(data, assignment, positions)
-    data.setdefault("name", path.stem)
+    if data.get("name") is None:  # unset (or --set name=): the recipe file's name
+        data["name"] = path.stem
     problems = []
     config = None
     try:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _quiet_tensorflow() -> None:
@@ -88,7 +88,6 @@ def cmd_weights_import(args) -> int:
 def cmd_quickstart(args) -> int:
     """Fine-tune on offline data, evaluate, save and export: the README's main job."""
     _quiet_tensorflow()
-    from restransfer import data as data_lib
     from restransfer.tasks.classification import ClassificationRecipe
     from restransfer.training.phases import Phase
 
@@ -98,79 +97,94 @@ def cmd_quickstart(args) -> int:
         source, channels, image_size = "sklearn:digits", 1, args.image_size or 32
     else:
         source, channels, image_size = str(Path(args.data)), 3, args.image_size or 96
-    # digits have no parts of their own: 20 % test, then 20 % of the rest for validation
-    splits = data_lib.resolve_splits(source, val_fraction=0.2, test_fraction=0.2 if args.data is None else 0,
-                                     seed=args.seed, channels=channels)
-    train, val, test = splits.train, splits.val, splits.test
     recipe = ClassificationRecipe(
-        backbone=args.backbone, weights=args.weights, class_names=train.class_names,
-        image_size=image_size, channels=channels, phases=phases, batch_size=args.batch_size,
-        augmentation="none" if args.data is None else "light", seed=args.seed,
-    )
+        backbone=args.backbone, weights=args.weights, image_size=image_size, channels=channels, phases=phases,
+        batch_size=args.batch_size, augmentation="none" if args.data is None else "light", seed=args.seed)
+    # digits have no parts of their own: 20 % test, then 20 % of the rest for validation
+    splits = recipe.splits(source, val_fraction=0.2, test_fraction=0.2 if args.data is None else 0)
+    recipe.skipped = list(splits.skipped)
+    train, val, test = splits.train, splits.val, splits.test
     print(f"fine-tuning {args.backbone} (weights: {args.weights or 'random init'}) on {source}: "
           f"{len(train)} train / {len(val) if val is not None else 0} val images, {image_size}px")
     recipe.fit(train, validation_data=val)
-    from restransfer.cli.runs import report_run
+    from restransfer.cli.runs import split_roles
 
-    held_out = test if test is not None else val
-    roles = {"val_*": "validation split: early stopping kept its best epoch on it, so its figures are optimistic",
-             **({"test_*": "test split: nothing was tuned on it"} if test is not None else {})}
+    held_out, name = (test, "test") if test is not None else (val, "val")
+    roles = split_roles(recipe, tuned_val=True, test=test is not None)
     out.mkdir(parents=True, exist_ok=True)
-    report_run(recipe, out, "restransfer quickstart", splits, roles)
-    metrics = recipe.evaluate(held_out)
+    figures = recipe.report(out, "restransfer quickstart", splits, roles)
+    metrics = {key.removeprefix(f"{name}_"): value for key, value in figures.items() if key.startswith(f"{name}_")}
     print(f"held-out accuracy: {metrics['accuracy']:.3f} ({len(held_out)} images, "
           f"{'test' if test is not None else 'validation'} split)")
     model_path = recipe.save(out / "model.keras")
     export_dir = recipe.export(out / "export", model_name="restransfer", warmup_images=held_out)
     (out / "metrics.json").write_text(json.dumps(
-        {"test" if test is not None else "val": metrics, "source": source, "splits": roles}, indent=2))
+        {name: metrics, "source": source, "splits": roles,
+         "skipped_files": [{"path": s.path, "reason": s.reason} for s in recipe.skipped]}, indent=2))
     print(f"model:  {model_path}\nreport: {out / 'report.html'}\nexport: {export_dir}  "
           f"(TensorFlow Serving: --model_base_path={export_dir.parent.resolve()})")
     return EXIT_OK
 
 
 def _load_recipe(path, unsafe: bool):
-    """A .keras model file, or a run directory (its model.keras)."""
-    from restransfer.tasks.classification import ClassificationRecipe
+    """A .keras model file, or a run directory (its model.keras), as the recipe of its task."""
+    from restransfer.tasks.base import load
 
     path = Path(path)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
         raise FileNotFoundError(f"no model at {path} (give a .keras file or a run directory)")
-    return ClassificationRecipe.load(path, safe_mode=not unsafe)
+    return load(path, safe_mode=not unsafe)
 
 
 def cmd_validate(args) -> int:
+    """The schema, then every check that needs no TensorFlow (:mod:`restransfer.cli.preflight`)."""
     from restransfer.cli.config import RecipeError, load_recipe
+    from restransfer.cli.preflight import NOT_CHECKED, data_problems, weights_problems
 
     failed = 0
     report = []
     for path in args.recipes:
         try:
-            load_recipe(path, args.set)
-            report.append({"recipe": path, "ok": True, "errors": []})
-            if not args.json:
-                print(f"{path}: ok")
+            config, _ = load_recipe(path, args.set)
+            problems = [f"{path}: {p}" for p in data_problems(config) + weights_problems(config)]
         except RecipeError as error:
-            failed += 1
-            report.append({"recipe": path, "ok": False, "errors": error.problems})
-            if not args.json:
-                print("\n".join(error.problems), file=sys.stderr)
+            problems = error.problems
+        failed += bool(problems)
+        report.append({"recipe": path, "ok": not problems, "errors": problems})
+        if not args.json:
+            print("\n".join(problems), file=sys.stderr) if problems else print(f"{path}: ok")
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"recipes": report, "not_checked": NOT_CHECKED}, indent=2))
+    else:
+        print(NOT_CHECKED)
     return EXIT_USAGE if failed else EXIT_OK
 
 
 def cmd_train(args) -> int:
-    from restransfer.cli.config import load_recipe
+    from restransfer.cli.config import RecipeError, load_recipe
+    from restransfer.cli.preflight import preflight
 
-    load_recipe(args.recipe, args.set)  # bad recipes fail here, before TensorFlow loads
+    # bad recipes, and every refusal that needs no training, fail here: before TensorFlow
+    # loads and before anything is written
+    config, _ = load_recipe(args.recipe, args.set)
+    problems = preflight(config, overwrite=args.overwrite, resume=args.resume)
+    if problems:
+        raise RecipeError([f"{args.recipe}: {p}" for p in problems])
     _quiet_tensorflow()
     from restransfer.cli import runs
 
-    run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
-                         verbose="lines" if args.quiet_progress else args.progress)
+    try:
+        run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
+                             verbose="lines" if args.quiet_progress else args.progress)
+    except KeyboardInterrupt:  # Ctrl-C: one line, what was saved and how to go on
+        again = " ".join(["restransfer train", args.recipe, *(f"--set {s}" for s in args.set), "--resume"])
+        saved = sorted(runs.run_directory(config).glob("**/checkpoints/last.keras"))
+        what = (f"{saved[-1].parent} holds the last complete epoch" if saved
+                else "no epoch was complete yet")
+        print(f"\ninterrupted: {what}; continue with: {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         metrics_file = run_dir / "metrics.json"  # absent on a multi-worker run's other workers
         print(json.dumps({"run_dir": str(run_dir),
@@ -196,43 +210,123 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """The model's answer for each file (its task's: classes and probabilities, or a mask and
+    an overlay written to --out). Files that cannot be read are reported one line each, in
+    plain words; the others are answered; the exit code is 1 when any file failed."""
     _quiet_tensorflow()
+    from restransfer.data.decoding import check_image
+
     recipe = _load_recipe(args.model, args.unsafe)
-    results = []
-    for path in args.images:
-        probabilities = recipe.predict([path])
-        decided = recipe.decide(probabilities)[0]
-        probabilities = probabilities[0]
-        order = probabilities.argsort()[::-1][: args.top_k]
-        results.append({"image": path, "decision": decided, "top": [
-            {"class": recipe.class_names[i], "probability": float(probabilities[i])} for i in order],
-            "probabilities": {name: float(p) for name, p in zip(recipe.class_names, probabilities)}})
-    rule = recipe.decision.describe()
+    results, failed = [], []
+    for index, path in enumerate(args.images):
+        reason = check_image(path, **recipe.decode_options) if os.path.isfile(path) else "no such file"
+        if reason:
+            failed.append({"image": path, "error": reason})
+            print(f"restransfer: {path}: {reason}", file=sys.stderr)
+            continue
+        results.append(recipe.prediction_record(path, index, top_k=args.top_k, out_dir=args.out))
     if args.json:
-        print(json.dumps({"decision_rule": rule, "results": results}, indent=2))
+        print(json.dumps({"decision_rule": recipe.decision_text(), "results": results, "failed": failed}, indent=2))
     else:
-        print(f"decision: {rule}")
-        for item in results:
-            best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"])
-            decided = item["decision"] if isinstance(item["decision"], str) else ",".join(item["decision"]) or "-"
-            print(f"{item['image']}: {decided}  ({best})")
-    return EXIT_OK
+        print(f"decision: {recipe.decision_text()}")
+        for record in results:
+            print(recipe.record_line(record))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _overlap_with_training(model_path: str, data) -> dict | None:
+    """How much of ``data`` the model was trained or tuned on, from its run's split.csv (by
+    file content, so copies count too); None when there is no split file."""
+    import csv
+
+    path = Path(model_path)
+    split_file = (path if path.is_dir() else path.parent) / "split.csv"
+    if not split_file.is_file() or data.paths is None:
+        return None
+    from restransfer.data.splits import _file_digest
+
+    def digest(file):
+        stat = os.stat(file)
+        return _file_digest(str(file), stat.st_mtime_ns, stat.st_size)
+
+    parts: dict[str, set] = {}
+    with open(split_file, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if os.path.isfile(row["path"]):
+                parts.setdefault(row["split"], set()).add(digest(row["path"]))
+    mine = [digest(p) for p in data.paths]
+    return {name: sum(d in seen for d in mine) for name, seen in parts.items() if name != "test"} | {"images": len(mine)}
 
 
 def cmd_evaluate(args) -> int:
     _quiet_tensorflow()
     recipe = _load_recipe(args.model, args.unsafe)
-    metrics = recipe.evaluate(args.data)
-    print(json.dumps(metrics, indent=2) if args.json else
-          "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    data = recipe._as_data(args.data, split="test")
+    overlap = _overlap_with_training(args.model, data)
+    if overlap and any(overlap.get(name) for name in ("train", "val")):
+        print(f"warning: of the {overlap['images']} images in {args.data}, {overlap.get('train', 0)} were this model's "
+              f"training data and {overlap.get('val', 0)} its validation data (its split.csv): these figures are "
+              "optimistic; evaluate on images it never saw", file=sys.stderr)
+    metrics = recipe.evaluate(data)
+    if overlap:
+        metrics["overlap_with_run"] = overlap
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps(metrics, indent=2) if args.json else "\n".join(f"{k}: {v:.4f}" for k, v in scalars.items()))
     return EXIT_OK
+
+
+def _run_images(model_path: str, count: int = 4) -> list[str]:
+    """A run's first validation (else training) images, from its split.csv: real warm-ups."""
+    import csv
+
+    path = Path(model_path)
+    split_file = (path if path.is_dir() else path.parent) / "split.csv"
+    if not split_file.is_file():
+        return []
+    with open(split_file, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if os.path.isfile(row["path"])]
+    rows.sort(key=lambda row: row["split"] != "val")
+    return [row["path"] for row in rows[:count]]
+
+
+def _run_part(model_path: str, recipe, split: str):
+    """A run's ``split`` part (its split.csv rows), read as the recipe reads; None without one."""
+    import pandas as pd
+
+    path = Path(model_path)
+    split_file = (path if path.is_dir() else path.parent) / "split.csv"
+    if not split_file.is_file():
+        return None
+    frame = pd.read_csv(split_file)
+    frame = frame[frame["split"] == split]
+    if frame.empty:
+        return None
+    options = dict(root="/", allow_outside_root=True, class_names=recipe.class_names, channels=recipe.channels,
+                   decode_options=recipe.decode_options, keep_precision=bool(recipe.keep_precision), progress=False)
+    from restransfer import data as data_lib
+
+    if "mask" in frame.columns:
+        return data_lib.from_mask_csv(frame, image_column="path", mask_column="mask", ignore_index=recipe.ignore_index,
+                                      mask_values=getattr(recipe, "mask_values", None), **options)
+    return data_lib.from_csv(frame, path_column="path", label_column="label",
+                             separator="|" if getattr(recipe, "multi_label", False) else None, **options)
 
 
 def cmd_export(args) -> int:
     _quiet_tensorflow()
     recipe = _load_recipe(args.model, args.unsafe)
-    directory = recipe.export(args.out, model_name=args.name, version=args.version, top_k=args.top_k,
-                              warmup_images=args.warmup or None)
+    if args.format == "saved_model":
+        directory = recipe.export(args.out, model_name=args.name, version=args.version, top_k=args.top_k,
+                                  warmup_images=args.warmup or _run_images(args.model) or None)
+    else:
+        heldout = args.data or _run_part(args.model, recipe, "val") or _run_part(args.model, recipe, "test")
+        if heldout is None:
+            raise ValueError(f"a {args.format} export is checked on held-out labelled images: pass --data FOLDER "
+                             "(a run directory provides its validation split)")
+        directory = recipe.export(args.out, model_name=args.name, version=args.version, format=args.format,
+                                  quantization=args.quantize, heldout=heldout,
+                                  representative=_run_part(args.model, recipe, "train") if args.quantize == "int8" else None,
+                                  max_metric_drop=args.max_metric_drop, allow_drop=args.allow_drop)
     print(directory)
     return EXIT_OK
 
@@ -304,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
-    for name, func, text in (("predict", cmd_predict, "class probabilities for image files"),
-                             ("evaluate", cmd_evaluate, "metrics on a labelled image folder"),
-                             ("export", cmd_export, "SavedModel for TensorFlow Serving")):
+    for name, func, text in (("predict", cmd_predict, "the model's answer for image files (classes, or masks)"),
+                             ("evaluate", cmd_evaluate, "figures on labelled images (or image/mask pairs)"),
+                             ("export", cmd_export, "for deployment: SavedModel (TF Serving), LiteRT or ONNX")):
         p = commands.add_parser(name, help=text)
         p.add_argument("model", help="a .keras file written by restransfer, or a run directory")
         p.add_argument("--unsafe", action="store_true",
@@ -315,16 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("images", nargs="+")
             p.add_argument("--top-k", type=int, default=3)
+            p.add_argument("--out", default="predictions",
+                           help="segmentation: where each image's mask and overlay PNGs are written")
             p.add_argument("--json", action="store_true")
         elif name == "evaluate":
             p.add_argument("--data", required=True)
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--out", required=True)
-            p.add_argument("--name", default="restransfer", help="model name (TF Serving --model_name)")
+            p.add_argument("--name", default=None,
+                           help="model name (TF Serving --model_name); default: the backbone's, as in Python")
             p.add_argument("--version", type=int, default=None)
             p.add_argument("--top-k", type=int, default=5)
-            p.add_argument("--warmup", nargs="*", default=[], help="a few real images for warmup requests")
+            p.add_argument("--warmup", nargs="*", default=[],
+                           help="a few real images for warm-up requests (default: a run's first validation images)")
+            p.add_argument("--format", choices=["saved_model", "litert", "onnx"], default="saved_model",
+                           help="saved_model (TF Serving), litert (phones, embedded) or onnx (ONNX Runtime)")
+            p.add_argument("--quantize", choices=["float16", "int8"], default=None, help="LiteRT only")
+            p.add_argument("--data", default=None,
+                           help="held-out labelled images the portable file is checked on (default: a run's val split)")
+            p.add_argument("--max-metric-drop", type=float, default=0.02,
+                           help="refuse a quantized file whose held-out figure drops by more")
+            p.add_argument("--allow-drop", action="store_true", help="warn instead of refusing a larger drop")
     return parser
 
 

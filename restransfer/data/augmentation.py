@@ -30,6 +30,13 @@ PRESETS: dict[str, list[dict]] = {
         {"name": "ColorJitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
          "hue": 0.03, "p": 0.5},
     ],
+    # image/mask pairs without a canonical orientation (endoscopy, microscopy, aerial)
+    "segmentation": [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "Affine", "scale": (0.9, 1.1), "translate_percent": (-0.06, 0.06), "rotate": (-15, 15), "p": 0.5},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.15, "contrast_limit": 0.15, "p": 0.5},
+    ],
     "medical": [
         {"name": "HorizontalFlip", "p": 0.5},
         {"name": "Affine", "scale": (0.95, 1.05), "translate_percent": (-0.04, 0.04),
@@ -99,23 +106,39 @@ class Augmenter:
     def active(self) -> bool:
         return build_transform(self.spec, self.image_size) is not None
 
-    def __call__(self, image: np.ndarray, seed) -> np.ndarray:
+    def __call__(self, image: np.ndarray, seed, mask: np.ndarray | None = None):
+        """The augmented image (and, given its mask, the mask moved by the same draw:
+        albumentations resamples masks by nearest neighbour, so they keep their class ids)."""
         compose = self._compose()
         if compose is None:
-            return image
+            return image if mask is None else (image, mask)
         compose.set_random_seed(int(seed) % (2**32))
-        out = compose(image=image)["image"]
+        precise = image.dtype != np.uint8  # float pixels (16-bit files): albumentations' float range is [0, 1]
+        inputs = {"image": image / np.float32(255) if precise else image}
+        if mask is not None:
+            inputs["mask"] = mask
+        result = compose(**inputs)
+        out = result["image"]
         if out.shape[:2] != (self.image_size, self.image_size):
             import cv2
 
             out = cv2.resize(out, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+            if mask is not None:
+                result["mask"] = cv2.resize(result["mask"], (self.image_size, self.image_size),
+                                            interpolation=cv2.INTER_NEAREST)
         if out.ndim == 2:  # OpenCV drops the channel axis of 1-channel images
             out = out[..., None]
-        return np.ascontiguousarray(out, dtype=image.dtype)
+        if precise:
+            out = np.clip(out, 0.0, 1.0) * np.float32(255)
+        out = np.ascontiguousarray(out, dtype=image.dtype)
+        return out if mask is None else (out, np.ascontiguousarray(result["mask"], dtype=mask.dtype))
 
-    def batch(self, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """Augments each image of a batch with its own seed."""
-        return np.stack([self(image, seed) for image, seed in zip(images, seeds)])
+    def batch(self, images: np.ndarray, seeds: np.ndarray, masks: np.ndarray | None = None):
+        """Augments each image of a batch (with its mask) with its own seed."""
+        if masks is None:
+            return np.stack([self(image, seed) for image, seed in zip(images, seeds)])
+        pairs = [self(image, seed, mask) for image, seed, mask in zip(images, seeds, masks)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 def _shift(pixels, dy: int, dx: int):

@@ -96,9 +96,48 @@ def _apply_orientation(image, orientation):
     ])
 
 
-def decode_image_bytes(encoded, channels: int = 3, keep_precision: bool = False):
+NORMALIZATIONS = ("auto", "percentile", "minmax", "zscore")
+
+
+def normalize_graph(image, method: str):
+    """:func:`restransfer.data.medical.normalize_intensity` in TensorFlow ops (the same
+    formulas: numpy's linear-interpolation percentiles), for the serving graph: a float image's
+    intensities mapped to 0-255 by its own 0.5/99.5 percentiles (``percentile``, also what
+    ``auto`` means), its range (``minmax``) or mean +- 3 sd (``zscore``)."""
+    import tensorflow as tf
+
+    values = tf.reshape(tf.cast(image, tf.float32), [-1])
+    if method == "zscore":
+        mean = tf.reduce_mean(values)
+        sd = tf.math.reduce_std(values)
+        sd = tf.where(sd > 0, sd, 1.0)
+        return tf.clip_by_value(((image - mean) / sd + 3.0) / 6.0, 0.0, 1.0) * 255.0
+    if method in ("percentile", "auto"):
+        ordered = tf.sort(values)
+        last = tf.cast(tf.size(ordered) - 1, tf.float32)
+
+        def percentile(q):
+            position = q / 100.0 * last
+            below = tf.floor(position)
+            low = tf.gather(ordered, tf.cast(below, tf.int32))
+            high = tf.gather(ordered, tf.cast(tf.math.ceil(position), tf.int32))
+            return low + (high - low) * (position - below)
+
+        lower, upper = percentile(0.5), percentile(99.5)
+    elif method == "minmax":
+        lower, upper = tf.reduce_min(values), tf.reduce_max(values)
+    else:
+        raise ValueError(f"normalisation must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
+    width = tf.maximum(upper - lower, 1e-6)
+    return tf.clip_by_value((image - lower) / width, 0.0, 1.0) * 255.0
+
+
+def decode_image_bytes(encoded, channels: int = 3, keep_precision: bool = False, normalize: str | None = None):
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> (H, W, channels) uint8, or float32 0-255 with
-    ``keep_precision``. TensorFlow ops only: usable eagerly, in tf.data, and in a SavedModel."""
+    ``keep_precision``. ``normalize`` (a medical recipe's): 16-bit PNGs, whose stored range
+    (often 12 bits of 16) is not a display range, are mapped to 0-255 by :func:`normalize_graph`;
+    8-bit files are used as stored. TensorFlow ops only: usable eagerly, in tf.data, and in a
+    SavedModel."""
     import tensorflow as tf
 
     encoded = tf.convert_to_tensor(encoded, tf.string)
@@ -118,13 +157,18 @@ def decode_image_bytes(encoded, channels: int = 3, keep_precision: bool = False)
         alpha = tf.cond(tf.equal(count % 2, 0), lambda: image[..., -1] / 255.0, lambda: tf.ones_like(image[..., 0]))
         return rgb, alpha
 
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE)
+
     def composited():  # everything but JPEG may carry transparency
-        rgb, alpha = tf.cond(tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE), png, other)
+        rgb, alpha = tf.cond(is_png, png, other)
         return rgb * alpha[..., None] + 255.0 * (1.0 - alpha[..., None])  # on white
 
     def finish(rgb):
         if channels == 1:
             rgb = tf.reduce_sum(rgb * tf.constant(_LUMA), axis=-1, keepdims=True)
+        if normalize:
+            sixteen_bit = is_png & tf.equal(tf.strings.substr(encoded, 24, 1), b"\x10")  # IHDR bit depth
+            rgb = tf.cond(sixteen_bit, lambda: normalize_graph(rgb, normalize), lambda: rgb)
         return rgb if keep_precision else tf.cast(tf.clip_by_value(tf.round(rgb), 0.0, 255.0), tf.uint8)
 
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8")
@@ -134,12 +178,32 @@ def decode_image_bytes(encoded, channels: int = 3, keep_precision: bool = False)
 
 
 @functools.lru_cache(maxsize=None)
-def _graph_decoder(channels: int, keep_precision: bool):
-    """decode_image_bytes traced once: run eagerly, its loops would cost ~0.1 s per file."""
+def graph_decoder(channels: int, keep_precision: bool, normalize: str | None = None):
+    """decode_image_bytes traced once per process (its graph takes seconds to trace; eagerly,
+    its loops would cost ~0.1 s per file): for load_image and every tf.data pipeline."""
     import tensorflow as tf
 
-    return tf.function(lambda encoded: decode_image_bytes(encoded, channels, keep_precision),
+    return tf.function(lambda encoded: decode_image_bytes(encoded, channels, keep_precision, normalize),
                        input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def high_bit_depth(path) -> bool:
+    """Whether a file stores more than 8 bits per sample: 16-bit PNG and TIFF (read from
+    their headers), DICOM and NIfTI (always read at full precision)."""
+    from restransfer.data.medical import is_medical
+
+    if is_medical(path):
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    if head[:8] == _PNG_SIGNATURE:
+        return len(head) > 24 and head[24] == 16
+    if head[:4] in TIFF_SIGNATURES:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+    return False
 
 
 def is_client_side(path) -> bool:
@@ -164,12 +228,13 @@ def load_image(path: str | os.PathLike, channels: int = 3, keep_precision: bool 
         image = gray if channels == 1 else np.repeat(gray, 3, axis=-1)
         return image if keep_precision else np.round(image).astype(np.uint8)
     encoded = Path(path).read_bytes()
+    normalize = medical_options.get("normalize")
     if encoded[:4] in TIFF_SIGNATURES:
-        return _load_tiff(path, channels, keep_precision)
-    return _graph_decoder(int(channels), bool(keep_precision))(encoded).numpy()
+        return _load_tiff(path, channels, keep_precision, normalize)
+    return graph_decoder(int(channels), bool(keep_precision), normalize)(encoded).numpy()
 
 
-def _load_tiff(path, channels: int, keep_precision: bool) -> np.ndarray:
+def _load_tiff(path, channels: int, keep_precision: bool, normalize: str | None = None) -> np.ndarray:
     """TIFF (not decodable by TensorFlow) through Pillow, with the contract's conversions."""
     from PIL import Image, ImageOps
 
@@ -178,6 +243,10 @@ def _load_tiff(path, channels: int, keep_precision: bool) -> np.ndarray:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             gray = (np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)).astype(np.float32)[..., None]
+            if normalize:
+                from restransfer.data.medical import normalize_intensity
+
+                gray = normalize_intensity(gray, "percentile" if normalize == "auto" else normalize)
             array = gray if channels == 1 else np.repeat(gray, 3, axis=-1)
         else:
             rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
@@ -188,21 +257,66 @@ def _load_tiff(path, channels: int, keep_precision: bool) -> np.ndarray:
     return array.astype(np.float32) if keep_precision else np.clip(np.round(array), 0, 255).astype(np.uint8)
 
 
+_SIGNATURES = ((b"\xff\xd8", "JPEG"), (_PNG_SIGNATURE, "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def file_format(head: bytes) -> str | None:
+    """The image format a file's first bytes announce (None: none restransfer reads)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
+
+
 def check_image(path: str, **medical_options) -> str | None:
-    """Why a file cannot be used as an image, or None if it decodes fully."""
+    """Why a file cannot be used as an image, in plain words (``None`` if it decodes fully):
+    not an image at all, a damaged (e.g. truncated) JPEG or PNG, empty, unreadable, too small.
+    JPEG and PNG files are first read by Pillow, which names the damage (and keeps libjpeg
+    from writing its own messages); then by the image contract's decoder."""
+    return inspect_image(path, **medical_options)[0]
+
+
+def inspect_image(path: str, channels: int = 3, **medical_options) -> tuple[str | None, np.ndarray | None]:
+    """(why the file cannot be used, or None; its decoded pixels, or None): see :func:`check_image`."""
+    from restransfer.data.medical import is_medical, split_slice
+
     try:
-        if os.path.getsize(path.split("#", 1)[0]) == 0:
-            return "empty file (0 bytes)"
-        image = load_image(path, **medical_options)
+        if os.path.getsize(split_slice(path)[0]) == 0:
+            return "an empty file (0 bytes)", None
+        kind = None
+        if not is_medical(path):
+            with open(path, "rb") as handle:
+                kind = file_format(handle.read(16))
+            if kind is None:
+                return "not an image: its content is none of " + ", ".join(SERVED_FORMATS + ("TIFF", "DICOM", "NIfTI")), None
+            if kind in ("JPEG", "PNG"):
+                from PIL import Image
+
+                try:
+                    with Image.open(path) as image:
+                        image.load()
+                except Exception as error:
+                    text = str(error)
+                    damage = "the data ends early (a truncated file)" if "truncated" in text.lower() else first_line(error)
+                    return f"a damaged {kind}: {damage}", None
+        image = load_image(path, channels, **medical_options)
     except PermissionError:
-        return "permission denied"
+        return "permission denied", None
     except ImportError as error:  # pydicom/nibabel missing: not the file's fault, say so once
         raise ImportError(f"{path}: {error}") from None
     except Exception as error:  # decoders raise many types for corrupt data
-        return f"cannot be decoded ({type(error).__name__}: {first_line(error)})"
+        return f"a damaged {kind or 'file'}: {plain_decoder_error(error)}", None
     if image.shape[0] < 2 or image.shape[1] < 2:
-        return f"too small ({image.shape[1]}x{image.shape[0]})"
-    return None
+        return f"too small ({image.shape[1]}x{image.shape[0]} pixels)", None
+    return None, image
+
+
+def plain_decoder_error(error) -> str:
+    """A decoder's message without TensorFlow's graph internals ({{function_node ...}}, [[node ...]])."""
+    import re
+
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]", "", first_line(error)).strip(" :;")
+    return text or type(error).__name__
 
 
 def first_line(error) -> str:
@@ -211,9 +325,58 @@ def first_line(error) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
+def to_contract_pixels(images: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """Pixel arrays (N, H, W, C) as files become pixels: C = 2 (gray + alpha) or 4 (RGBA)
+    composited on white, then ``channels`` channels (1: the ITU-R 601-2 luma of RGB; 3: gray
+    replicated; None: as they are). Integer pixels (0-255) stay uint8, rounded where the rule
+    computed; float pixels stay float32 (their precision kept). Refused with what to do:
+    values outside 0-255, non-finite ones, and floats that all lie in [0, 1] with fractions
+    (images scaled to [0, 1] would silently round to black and white)."""
+    images = np.asarray(images)
+    floating = np.issubdtype(images.dtype, np.floating)
+    if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"images must have shape (N, H, W, C) with C in 1..4, got {images.shape}")
+    if images.size:
+        low, high = float(images.min()), float(images.max())
+        if floating and not np.isfinite(images).all():
+            raise ValueError("images hold NaN or infinite values")
+        if low < 0 or high > 255:
+            raise ValueError(f"images must hold raw pixel values in 0..255, got {low:g}..{high:g}"
+                             + (" (16-bit? scale them to 0-255 as float32: v * 255 / 65535)" if high > 255 else ""))
+        if floating and high <= 1.0 and not np.all(images == np.round(images)):
+            raise ValueError("images are floats in [0, 1]; restransfer takes 0-255 pixel values, as files "
+                             "decode to: multiply them by 255 (they keep their precision as float32)")
+    if not floating and images.dtype != np.uint8:
+        images = images.astype(np.uint8)
+    count = images.shape[-1]
+    target = channels if channels is not None else (1 if count <= 2 else 3)
+    if count == target and count in (1, 3):
+        return images.astype(np.float32) if floating else images
+    pixels = images.astype(np.float32)
+    if count in (2, 4):  # transparency on white, as the decoder does
+        alpha = pixels[..., -1:] / 255.0
+        pixels = pixels[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    if pixels.shape[-1] == 3 and target == 1:
+        pixels = np.sum(pixels * np.asarray(_LUMA, np.float32), axis=-1, keepdims=True)
+    elif pixels.shape[-1] == 1 and target == 3:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return pixels if floating else np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
 def resize_image(image, image_size: int):
     """The one resize used in training, evaluation and the exported serving graph."""
     import tensorflow as tf
 
     return tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
                            method="bilinear", antialias=True)
+
+
+def resize_mask(mask, image_size: int):
+    """A mask of class ids [H, W] (or [N, H, W]) to image_size x image_size by nearest
+    neighbour: resized with its image, never interpolated into new classes."""
+    import tensorflow as tf
+
+    mask = tf.convert_to_tensor(mask)
+    resized = tf.image.resize(mask[..., None], (image_size, image_size), method="nearest")
+    return tf.cast(resized[..., 0], mask.dtype)
+

@@ -8,6 +8,7 @@ on a 0-255 scale, so medical images enter the same pipeline as photos, at full p
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -26,9 +27,18 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+_NIFTI_SLICE = re.compile(r"^(.*\.nii(?:\.gz)?)#(\d+)$", re.IGNORECASE)
+
+
+def split_slice(path) -> tuple[str, int | None]:
+    """``volume.nii.gz#40`` -> (``volume.nii.gz``, 40); any other path (``#`` is an ordinary
+    character in file names) -> (path, None)."""
+    match = _NIFTI_SLICE.match(str(path))
+    return (match.group(1), int(match.group(2))) if match else (str(path), None)
+
+
 def is_medical(path) -> bool:
-    name = str(path).split("#", 1)[0].lower()
-    return name.endswith(DICOM_SUFFIXES + NIFTI_SUFFIXES)
+    return split_slice(path)[0].lower().endswith(DICOM_SUFFIXES + NIFTI_SUFFIXES)
 
 
 def _require(module: str, what: str):
@@ -54,6 +64,8 @@ def normalize_intensity(values: np.ndarray, method: str = "percentile", low: flo
     percentiles first, robust to hot pixels) or ``zscore`` (mean 0, sd 1, then +-3 sd span
     0-255)."""
     values = np.asarray(values, dtype=np.float64)
+    if method == "auto":  # what a medical recipe means by default
+        method = "percentile"
     if method == "zscore":
         sd = values.std() or 1.0
         return apply_window((values - values.mean()) / sd, 0.0, 6.0)
@@ -118,7 +130,7 @@ def read_nifti_slice(path, index: int | None = None, axis: int = 2, window=None,
     elif isinstance(window, (tuple, list)):
         scaled = apply_window(np.take(volume, index, axis=axis), float(window[0]), float(window[1]))
     else:
-        lower, upper = (np.percentile(volume, [0.5, 99.5]) if normalize == "percentile"
+        lower, upper = (np.percentile(volume, [0.5, 99.5]) if normalize in ("percentile", "auto")
                         else (volume.min(), volume.max()))
         scaled = apply_window(np.take(volume, index, axis=axis), (lower + upper) / 2, max(upper - lower, 1e-6))
     return np.ascontiguousarray(np.rot90(scaled))[..., None]  # radiological display orientation
@@ -126,11 +138,10 @@ def read_nifti_slice(path, index: int | None = None, axis: int = 2, window=None,
 
 def read_medical(path, window="file", normalize: str = "percentile", axis: int = 2) -> np.ndarray:
     """DICOM or NIfTI (``volume.nii.gz#40`` selects slice 40) as float32 (H, W, 1), 0-255."""
-    name, _, fragment = str(path).partition("#")
+    name, index = split_slice(path)
     if name.lower().endswith(DICOM_SUFFIXES):
         return read_dicom(name, window, normalize)
-    return read_nifti_slice(name, int(fragment) if fragment else None, axis,
-                            None if window == "file" else window, normalize)
+    return read_nifti_slice(name, index, axis, None if window == "file" else window, normalize)
 
 
 def nifti_slices(path, label: str, slices=None, axis: int = 2) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from restransfer.data.decoding import IMAGE_EXTENSIONS, check_image, first_line, load_image
+from restransfer.data.decoding import IMAGE_EXTENSIONS, first_line, load_image
 from restransfer.data.splits import SPLIT_DIR_NAMES, find_split_dir
 
 log = logging.getLogger("restransfer.data")
@@ -43,6 +43,12 @@ class ImageData:
     ``labels`` holds class indices, or 0/1 rows for multi-label data; ``groups`` an optional
     group id per image (a patient, say) that splits never divide.
     ``keep_precision`` decodes 16-bit files to float32 (0-255 scale, full precision).
+
+    Image/mask pairs (segmentation, :mod:`restransfer.data.masks`) also have ``masks``: mask
+    files (class-index PNGs, read with ``mask_values`` mapping stored values to classes) or an
+    array (N, H, W) of class indices, each the size of its image; ``ignore_index`` marks pixels
+    without truth. Their ``labels`` are each image's stratum for splitting (its most frequent
+    foreground class, 0 for an empty mask), and ``empty_masks`` counts the empty ones.
     """
 
     labels: np.ndarray
@@ -56,6 +62,12 @@ class ImageData:
     groups: np.ndarray | None = None
     keep_precision: bool = False
     decode_options: dict = dataclasses.field(default_factory=dict)  # DICOM/NIfTI: window, normalize, axis
+    masks: object = None              # segmentation: mask paths, or an array of class indices
+    ignore_index: int | None = None
+    mask_values: dict | None = None   # stored mask value -> class id (e.g. {0: 0, 255: 1})
+    encoded_masks: object = None      # segmentation from TFDS: the masks' encoded PNG bytes
+    empty_masks: int = 0
+    pixel_stats: dict = dataclasses.field(default_factory=dict, repr=False)  # path -> image_stats(), from the check
     # image size -> every image decoded and resized once (pipeline.resized_pixels); not copied by subset
     _pixels: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -70,14 +82,23 @@ class ImageData:
         indices = np.asarray(indices, dtype=int)
         if self.encoded is not None:
             raise ValueError("a TFDS source is split with TFDS split strings (train[:80%])")
+        masks = self.masks
+        if masks is not None:
+            masks = [masks[i] for i in indices] if isinstance(masks, list) else masks[indices]
         return dataclasses.replace(
             self,
             labels=self.labels[indices],
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
             images=self.images[indices] if self.images is not None else None,
             groups=self.groups[indices] if self.groups is not None else None,
+            masks=masks,
             skipped=[],
         )
+
+    @property
+    def has_masks(self) -> bool:
+        """Image/mask pairs (segmentation) rather than labelled images."""
+        return self.masks is not None or self.encoded_masks is not None
 
     def first_images(self, count: int) -> list[np.ndarray]:
         """The first ``count`` images, decoded as training decodes them."""
@@ -99,20 +120,22 @@ class ImageData:
         GIL); only client-side formats (TIFF, DICOM, NIfTI) go through Python."""
         import tensorflow as tf
 
-        from restransfer.data.decoding import decode_image_bytes, is_client_side
+        from restransfer.data.decoding import graph_decoder, is_client_side
 
-        labels = tf.constant(self.labels)
+        target = self._target_fetcher()
         if self.images is not None:
             images = tf.constant(self.images)
-            return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+            return lambda i: (tf.gather(images, i), target(i))
         channels, keep, options = self.channels, self.keep_precision, dict(self.decode_options)
         dtype = tf.float32 if keep else tf.uint8
         paths = tf.constant(self.paths)
         client_side = np.array([is_client_side(p) for p in self.paths], dtype=bool)
         flags = tf.constant(client_side)
 
+        decoder = graph_decoder(channels, keep, options.get("normalize"))  # traced once per process
+
         def in_graph(path):
-            return decode_image_bytes(tf.io.read_file(path), channels, keep)
+            return decoder(tf.io.read_file(path))
 
         def in_python(path):
             return tf.numpy_function(lambda p: load_image(p.decode(), channels, keep, **options),
@@ -126,7 +149,28 @@ class ImageData:
                 image = in_python(path)
             else:
                 image = tf.cond(tf.gather(flags, i), lambda: in_python(path), lambda: in_graph(path))
-            return tf.ensure_shape(image, [None, None, channels]), tf.gather(labels, i)
+            return tf.ensure_shape(image, [None, None, channels]), target(i)
+
+        return fetch
+
+    def _target_fetcher(self):
+        """A TF function: index -> the image's target (its label, or its mask [H, W] uint8)."""
+        import tensorflow as tf
+
+        if self.masks is None:
+            labels = tf.constant(self.labels)
+            return lambda i: tf.gather(labels, i)
+        if not isinstance(self.masks, list):
+            masks = tf.constant(self.masks)
+            return lambda i: tf.gather(masks, i)
+        from restransfer.data.masks import read_mask
+
+        paths, mapping = tf.constant(self.masks), self.mask_values
+
+        def fetch(i):
+            mask = tf.numpy_function(lambda p: read_mask(p.decode(), mapping), [tf.gather(paths, i)], tf.uint8,
+                                     stateful=False)
+            return tf.ensure_shape(mask, [None, None])
 
         return fetch
 
@@ -140,28 +184,50 @@ class ImageData:
 
             from restransfer.data.decoding import decode_image_bytes
 
+            keep, normalize = self.keep_precision, self.decode_options.get("normalize")
+
             def decode_bytes(encoded):
-                return tf.ensure_shape(decode_image_bytes(encoded, channels), [None, None, channels])
+                return tf.ensure_shape(decode_image_bytes(encoded, channels, keep, normalize), [None, None, channels])
 
             images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
+            if self.encoded_masks is not None:
+                from restransfer.data.masks import decode_mask_bytes
+
+                mapping = self.mask_values
+                masks = self.encoded_masks.map(lambda encoded: decode_mask_bytes(encoded, mapping),
+                                               num_parallel_calls=tf.data.AUTOTUNE)
+                return tf.data.Dataset.zip(images, masks)
             return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(self.labels))
         return tf.data.Dataset.range(len(self)).map(
             self.fetcher(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def check_files(paths: list[str], progress: bool = True, decode_options=None) -> dict[str, str]:
-    """Decodes every file once (two threads); returns {path: reason} for the bad ones."""
-    import functools
+def image_stats(image: np.ndarray) -> tuple:
+    """(height, width, channels as decoded, lowest, highest, sd) of one decoded image: what a
+    data summary and the degenerate-data warning read."""
+    return (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]), float(image.min()),
+            float(image.max()), float(np.asarray(image, np.float32).std()))
 
+
+def check_files(paths: list[str], progress: bool = True, decode_options=None, stats: dict | None = None) -> dict[str, str]:
+    """Decodes every file once (two threads); returns {path: reason} for the bad ones, and
+    fills ``stats`` (when given) with each good file's :func:`image_stats`."""
     from tqdm.auto import tqdm
 
-    check = functools.partial(check_image, **(decode_options or {}))
+    from restransfer.data.decoding import inspect_image
+
+    def check(path):
+        reason, image = inspect_image(path, **(decode_options or {}))
+        return reason, (image_stats(image) if image is not None else None)
+
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        reasons = list(
+        results = list(
             tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
                  unit="img", disable=None if progress and len(paths) >= 50 else True, leave=False)
         )
-    return {path: reason for path, reason in zip(paths, reasons) if reason}
+    if stats is not None:
+        stats.update({path: found for path, (_, found) in zip(paths, results) if found is not None})
+    return {path: reason for path, (reason, _) in zip(paths, results) if reason}
 
 
 def apply_policy(bad: dict[str, str], policy: str, source: str) -> list[SkippedFile]:
@@ -178,6 +244,17 @@ def apply_policy(bad: dict[str, str], policy: str, source: str) -> list[SkippedF
     return skipped
 
 
+def resolve_keep_precision(keep_precision: bool | str, paths: list[str]) -> bool:
+    """``"auto"``: full precision when any of the files stores more than 8 bits per sample."""
+    if keep_precision == "auto":
+        from restransfer.data.decoding import high_bit_depth
+
+        return any(high_bit_depth(p) for p in paths)
+    if keep_precision not in (True, False):
+        raise ValueError(f"keep_precision must be True, False or 'auto', got {keep_precision!r}")
+    return bool(keep_precision)
+
+
 def image_folder(
     path: str | os.PathLike,
     split: str | None = None,
@@ -185,7 +262,7 @@ def image_folder(
     policy: str = "skip",
     channels: int = 3,
     progress: bool = True,
-    keep_precision: bool = False,
+    keep_precision: bool | str = False,
     decode_options: dict | None = None,
 ) -> ImageData:
     """Images in class sub-folders: ``path/<class>/*.jpg``, or ``path/<split>/<class>/``.
@@ -194,6 +271,8 @@ def image_folder(
         split: ``"train"``, ``"val"`` or ``"test"`` to read that sub-folder of ``path``.
         class_names: fix the class order (e.g. the training split's) instead of sorting.
         policy: ``"skip"`` bad files with a warning each and a count, or ``"strict"``.
+        keep_precision: decode 16-bit files at full precision (float32 on the 0-255 scale);
+            ``"auto"``: when any file stores more than 8 bits (16-bit PNG/TIFF, DICOM, NIfTI).
     """
     root = Path(path)
     if not root.is_dir():
@@ -220,21 +299,24 @@ def image_folder(
         labels += [index] * len(images)
     if ignored:
         log.info("%s: ignored %d file(s) without an image extension", root, ignored)
-    bad = check_files(paths, progress=progress, decode_options=decode_options)
+    stats: dict = {}
+    bad = check_files(paths, progress=progress, decode_options=decode_options, stats=stats)
     skipped = apply_policy(bad, policy, str(root))
     keep = [i for i, p in enumerate(paths) if p not in bad]
     counts = np.bincount(np.asarray(labels, dtype=int)[keep], minlength=len(names))
     empty = [names[i] for i, count in enumerate(counts) if count == 0 and not class_names]
     if empty:
         raise ValueError(f"{root}: class folder(s) with no usable images: {empty}")
+    kept = [paths[i] for i in keep]
     return ImageData(
         labels=np.asarray(labels, dtype=np.int32)[keep],
         class_names=names,
-        paths=[paths[i] for i in keep],
+        paths=kept,
         skipped=skipped,
         channels=channels,
-        keep_precision=keep_precision,
+        keep_precision=resolve_keep_precision(keep_precision, kept),
         decode_options=dict(decode_options or {}),
+        pixel_stats=stats,
     )
 
 
@@ -243,8 +325,16 @@ def from_arrays(
     labels: np.ndarray,
     class_names: list[str] | None = None,
     multi_label: bool | None = None,
+    channels: int | None = None,
 ) -> ImageData:
-    """In-memory images (N, H, W[, C], 0-255) with class indices or multi-hot rows."""
+    """In-memory images (N, H, W[, C], 0-255) with class indices or multi-hot rows.
+
+    ``channels`` (a recipe's): converted by the image contract's rule, as files are (RGBA on
+    white, RGB to luma, gray replicated); None keeps what the arrays have (1 or 3 channels).
+    Float arrays keep their precision (float32); floats that all lie in [0, 1] with fractions
+    are refused (pixels are 0-255 here: multiply by 255)."""
+    from restransfer.data.decoding import to_contract_pixels
+
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim == 3:
@@ -263,16 +353,14 @@ def from_arrays(
         num_classes = int(labels.max()) + 1 if class_names is None else len(class_names)
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 255:
-            raise ValueError("images must hold raw pixel values in 0..255")
-        images = np.round(images).astype(np.uint8)
+    images = to_contract_pixels(images, channels)
     return ImageData(
         labels=labels,
         class_names=list(class_names) if class_names else [str(i) for i in range(num_classes)],
         images=images,
         multi_label=bool(multi_label),
         channels=images.shape[-1],
+        keep_precision=images.dtype != np.uint8,
     )
 
 
@@ -297,7 +385,7 @@ def from_csv(
     channels: int = 3,
     allow_outside_root: bool = False,
     progress: bool = True,
-    keep_precision: bool = False,
+    keep_precision: bool | str = False,
     decode_options: dict | None = None,
 ) -> ImageData:
     """Images listed in a CSV file or a pandas DataFrame.
@@ -346,16 +434,19 @@ def from_csv(
         else:
             labels = np.asarray([index[row[0]] for row in rows], np.int32)
     groups = frame[group_column].astype(str).to_numpy() if group_column else None
-    bad = check_files(paths, progress=progress, decode_options=decode_options)
+    stats: dict = {}
+    bad = check_files(paths, progress=progress, decode_options=decode_options, stats=stats)
     skipped = apply_policy(bad, policy, where)
     keep = [i for i, p in enumerate(paths) if p not in bad]
-    return ImageData(labels=labels[keep], class_names=names, paths=[paths[i] for i in keep],
+    kept = [paths[i] for i in keep]
+    return ImageData(labels=labels[keep], class_names=names, paths=kept,
                      skipped=skipped, multi_label=multi_label, channels=channels,
                      groups=groups[keep] if groups is not None else None,
-                     keep_precision=keep_precision, decode_options=dict(decode_options or {}))
+                     keep_precision=resolve_keep_precision(keep_precision, kept),
+                     decode_options=dict(decode_options or {}), pixel_stats=stats)
 
 
-def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) -> ImageData:
+def from_npz(path: str | os.PathLike, split: str = "train", class_names=None, channels: int | None = None) -> ImageData:
     """Arrays in an .npz with the MedMNIST layout: ``<split>_images``, ``<split>_labels``
     (class ids, or 0/1 rows for multi-label), and optionally ``class_names``."""
     with np.load(path, allow_pickle=False) as archive:
@@ -368,7 +459,7 @@ def from_npz(path: str | os.PathLike, split: str = "train", class_names=None) ->
         images, labels = archive[keys[0]], archive[keys[1]]
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    return from_arrays(images, labels, class_names=class_names)
+    return from_arrays(images, labels, class_names=class_names, channels=channels)
 
 
 def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
@@ -379,6 +470,16 @@ def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
     work as in TFDS. A dataset not yet prepared is downloaded and prepared as ``tfds.load``
     does (``download=False`` turns that off); where its download server cannot be reached,
     the error comes at once instead of after TFDS' minutes of retries."""
+    ds, info = load_tfds(name, split, data_dir, download, skip_decoding=(image_key,))
+    label_feature = info.features[label_key]
+    labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
+    return ImageData(labels=labels, class_names=list(label_feature.names),
+                     encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
+
+
+def load_tfds(name: str, split: str, data_dir: str | None, download: bool, skip_decoding=("image",)):
+    """(dataset, info) of a TFDS split, its ``skip_decoding`` features left encoded (restransfer
+    decodes images by its own contract); see :func:`from_tfds` for downloading."""
     import tensorflow_datasets as tfds
 
     name = name.removeprefix("tfds:")
@@ -393,42 +494,29 @@ def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
 
     def load(allow_download: bool):
         return tfds.load(name, split=split, data_dir=data_dir, download=allow_download, with_info=True,
-                         decoders={image_key: tfds.decode.SkipDecoding()})
+                         decoders={key: tfds.decode.SkipDecoding() for key in skip_decoding})
 
     try:
         try:
-            ds, info = load(False)
+            return load(False)
         except (AssertionError, FileNotFoundError) as error:  # TFDS: "Dataset ... not found"
             if not download:
                 raise not_prepared(f"downloading is off ({first_line(error)})") from None
             unreachable = _unreachable_download_host(tfds.builder(name, data_dir=data_dir))
             if unreachable:
                 raise not_prepared(f"its download server cannot be reached ({unreachable})") from None
-            ds, info = load(True)
+            return load(True)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"unknown TFDS dataset {name!r}: {first_line(error)}") from None
-    label_feature = info.features[label_key]
-    labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
-    return ImageData(labels=labels, class_names=list(label_feature.names),
-                     encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
 
 
 def _unreachable_download_host(builder, timeout: float = 5.0) -> str | None:
     """Why the dataset's first download URL's host cannot be reached, or None. One TCP
     connection attempt instead of TFDS' retries; datasets without registered URLs pass."""
-    import socket
-    from urllib.parse import urlparse
+    from restransfer.net import unreachable
 
     urls = list(getattr(builder, "url_infos", None) or {})
-    if not urls:
-        return None
-    url = urlparse(urls[0])
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-    except OSError as error:
-        return f"{url.hostname}: {error}"
-    return None
+    return unreachable(urls[0], timeout) if urls else None
 
 
 def sklearn_digits() -> ImageData:
@@ -442,37 +530,53 @@ def sklearn_digits() -> ImageData:
 
 
 def as_image_data(source, class_names=None, split=None, policy="skip", channels=3,
-                  decode_options=None, csv: dict | None = None, download: bool = True) -> ImageData:
+                  decode_options=None, csv: dict | None = None, download: bool = True,
+                  keep_precision: bool | str = False) -> ImageData:
     """Coerces what users pass to ``fit``/``evaluate`` into :class:`ImageData`: an image
     folder, a ``.csv`` (path,label; ``csv`` holds :func:`from_csv`'s column options), an
     ``.npz`` (MedMNIST layout), ``"tfds:NAME[:SPLIT]"``, ``"sklearn:digits"``, or an
-    ``(images, labels)`` tuple. ``ImageData`` must already have ``class_names``' order.
-    ``download``: TFDS datasets not yet prepared are downloaded (see :func:`from_tfds`)."""
+    ``(images, labels)`` tuple. ``ImageData`` must already have ``class_names``' order; its
+    images are read with ``channels`` channels by the same rule as files.
+    ``download``: TFDS datasets not yet prepared are downloaded (see :func:`from_tfds`).
+    ``keep_precision``: see :func:`image_folder`."""
     if isinstance(source, ImageData):
         if class_names is not None and list(source.class_names) != list(class_names):
             raise ValueError(f"the data's classes {source.class_names} are not the model's "
                              f"{list(class_names)} (same names, same order)")
-        return source
+        return with_channels(source, channels)
     if source == "sklearn:digits":
-        return sklearn_digits()
+        return with_channels(sklearn_digits(), channels)
+    files = dict(policy=policy, channels=channels, decode_options=decode_options, keep_precision=keep_precision)
     if isinstance(source, str) and source.startswith("tfds:"):
         name, _, tfds_split = source.removeprefix("tfds:").partition(":")
         return from_tfds(name, split=tfds_split or split or "train", channels=channels, download=download)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".csv"):
-        return from_csv(source, class_names=class_names, policy=policy, channels=channels,
-                        decode_options=decode_options, **(csv or {}))
+        columns = {k: v for k, v in (csv or {}).items()
+                   if k in ("path_column", "label_column", "label_columns", "separator", "group_column")}
+        return from_csv(source, class_names=class_names, **files, **columns)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npz"):
         return from_npz(source, split={"val": "val", "test": "test"}.get(split, "train"),
-                        class_names=class_names)
+                        class_names=class_names, channels=channels)
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if split and find_split_dir(root, split) is None:
             split = None
-        return image_folder(root, split=split, class_names=class_names, policy=policy,
-                            channels=channels, decode_options=decode_options)
+        return image_folder(root, split=split, class_names=class_names, **files)
     if isinstance(source, (tuple, list)) and len(source) == 2:
-        return from_arrays(source[0], source[1], class_names=class_names)
+        return from_arrays(source[0], source[1], class_names=class_names, channels=channels)
     raise TypeError(
         "data must be an image folder path, an (images, labels) tuple, restransfer ImageData, "
         f"or a tf.data.Dataset; got {type(source).__name__}"
     )
+
+
+def with_channels(data: ImageData, channels: int | None) -> ImageData:
+    """``data`` read with ``channels`` channels (the recipe's): arrays converted by the image
+    contract's rule, files and streams decoded with that many."""
+    if channels is None or data.channels == channels:
+        return data
+    if data.images is not None:
+        from restransfer.data.decoding import to_contract_pixels
+
+        return dataclasses.replace(data, images=to_contract_pixels(data.images, channels), channels=channels)
+    return dataclasses.replace(data, channels=channels)

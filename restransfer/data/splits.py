@@ -135,14 +135,16 @@ def kfold(data: ImageData, n_splits: int = 5, seed: int = 0):
 
 
 def write_split(path: str | os.PathLike, parts: dict[str, ImageData]) -> Path:
-    """Writes ``path,label,split[,group]`` rows so a run can be repeated and audited."""
+    """Writes ``path,label,split,group`` rows (image/mask pairs: ``path,mask,stratum,split,group``)
+    so a run can be repeated and audited."""
     import csv
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = any(isinstance(part.masks, list) for part in parts.values())
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "group"])
+        writer.writerow(["path", "mask", "stratum", "split", "group"] if pairs else ["path", "label", "split", "group"])
         for split, part in parts.items():
             if part.paths is None:
                 raise ValueError("only file-based data can be written as a split file")
@@ -151,7 +153,10 @@ def write_split(path: str | os.PathLike, parts: dict[str, ImageData]) -> Path:
                 names = ([part.class_names[j] for j in np.flatnonzero(label)] if part.multi_label
                          else [part.class_names[int(label)]])
                 group = part.groups[i] if part.groups is not None else ""
-                writer.writerow([file, "|".join(names), split, group])
+                if pairs:
+                    writer.writerow([file, part.masks[i], names[0], split, group])
+                else:
+                    writer.writerow([file, "|".join(names), split, group])
     return path
 
 
@@ -166,11 +171,14 @@ def find_duplicates(first: ImageData, second: ImageData) -> list[tuple[str, str]
 
 @dataclasses.dataclass
 class Splits:
-    """The parts of a source a run uses; ``val``/``test`` may be None."""
+    """The parts of a source a run uses; ``val``/``test`` may be None. ``skipped``: every
+    file left out of any part when the sources were read (a part made by splitting another
+    carries none of its own)."""
 
     train: object
     val: object = None
     test: object = None
+    skipped: list = dataclasses.field(default_factory=list)
 
     def items(self):
         """(name, part) for the parts that exist, in train/val/test order."""
@@ -193,7 +201,7 @@ def has_part(source, split: str) -> bool:
 
 
 def resolve_splits(source, validation=None, test=None, *, class_names=None, val_fraction: float = 0.2,
-                   test_fraction: float = 0.0, with_test: bool = True, seed: int = 0,
+                   test_fraction: float = 0.0, with_test: bool = True, seed: int = 0, read=None,
                    **read_options) -> Splits:
     """The one place that decides train / validation / test for every door.
 
@@ -202,19 +210,27 @@ def resolve_splits(source, validation=None, test=None, *, class_names=None, val_
     stratified, group-aware ``test_fraction`` and then ``val_fraction`` of the training part
     (0 = none: cross-validation splits later). Every part takes the training part's class
     order (``class_names`` fixes it). ``with_test=False``: no test part (training needs
-    none). ``read_options`` go to :func:`restransfer.data.sources.as_image_data`.
+    none). ``read`` reads a source (a task's reader; default
+    :func:`restransfer.data.sources.as_image_data`), with ``read_options``.
     """
     from restransfer.data.sources import as_image_data
 
-    train = as_image_data(source, class_names=class_names, split="train", **read_options)
+    read = read or as_image_data
+    train = read(source, class_names=class_names, split="train", **read_options)
     names = train.class_names
+    skipped = list(train.skipped)
+    if "keep_precision" in read_options:  # every part decoded as the training part is ("auto" resolved)
+        read_options = {**read_options, "keep_precision": train.keep_precision}
 
     def part(explicit, split):
+        found = None
         if explicit is not None:
-            return as_image_data(explicit, class_names=names, split=split, **read_options)
-        if has_part(source, split):
-            return as_image_data(source, class_names=names, split=split, **read_options)
-        return None
+            found = read(explicit, class_names=names, split=split, **read_options)
+        elif has_part(source, split):
+            found = read(source, class_names=names, split=split, **read_options)
+        if found is not None:
+            skipped.extend(found.skipped)
+        return found
 
     val, test = part(validation, "val"), part(test, "test") if with_test else None
     if with_test and test is None and test_fraction and train.random_access:
@@ -226,4 +242,4 @@ def resolve_splits(source, validation=None, test=None, *, class_names=None, val_
             for first, second in find_duplicates(train, other):
                 log.warning("same image in train and %s: %s and %s",
                             "validation" if other is val else "test", first, second)
-    return Splits(train, val, test)
+    return Splits(train, val, test, skipped=skipped)

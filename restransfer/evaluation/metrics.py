@@ -10,6 +10,27 @@ from __future__ import annotations
 import numpy as np
 
 
+def classification_figures(labels, probabilities, decided, multi_label: bool) -> dict[str, float]:
+    """The figures of a classifier's own decisions on labelled images: ``loss`` (cross-entropy
+    of its probabilities), ``accuracy`` of ``decided`` (its decision rule's class ids, or 0/1
+    rows per label), and for multi-label data ``auc`` (macro over labels with both values)."""
+    from sklearn.metrics import roc_auc_score
+
+    probabilities = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
+    labels, decided = np.asarray(labels), np.asarray(decided)
+    if multi_label:
+        loss = -np.mean(labels * np.log(probabilities) + (1 - labels) * np.log(1 - probabilities))
+        usable = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
+        figures = {"loss": float(loss), "accuracy": float(np.mean(decided == labels))}
+        if usable:
+            figures["auc"] = float(np.mean([roc_auc_score(labels[:, j], probabilities[:, j]) for j in usable]))
+        return figures
+    labels = labels.astype(int)
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
+    return {"loss": float(loss), "accuracy": float(np.mean(decided == labels))}
+
+
 def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.9) -> float:
     """``youden``: maximises sensitivity + specificity - 1 on the ROC curve;
     ``sensitivity``: the highest threshold whose sensitivity reaches the target."""

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import math
+import os
 
 import numpy as np
 
@@ -33,9 +34,9 @@ def _plt():
     return plt
 
 
-def curves_png(history: dict, phase_starts: list[int]) -> str:
+def curves_png(history: dict, phase_starts: list[int], metrics=("loss", "accuracy", "auc")) -> str:
     plt = _plt()
-    metrics = [m for m in ("loss", "accuracy", "auc") if m in history]
+    metrics = [m for m in metrics if m in history]
     figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         epochs = np.arange(1, len(history[metric]) + 1)
@@ -146,16 +147,24 @@ def operating_point_png(truth, scores, threshold: float, split: str, positive: s
     return _figure_png(figure)
 
 
-def _png_section(name: str, png: str | None, anchor: str = "") -> str:
+def png_section(name: str, png: str | None, anchor: str = "") -> str:
     ident = f' id="{anchor}"' if anchor else ""
     body = f'<img alt="{html.escape(name)}" src="data:image/png;base64,{png}">' if png else "<p>none</p>"
     return f"<section{ident}><h2>{html.escape(name)}</h2>{body}</section>"
 
 
-def _table(header: list[str] | None, rows: list[list], css: str = "") -> str:
+def table(header: list[str] | None, rows: list[list], css: str = "") -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table{f" class={css}" if css else ""}>{head}{body}</table>'
+
+
+def skipped_note(skipped) -> str:
+    """The report's line on unusable files: how many, and each with why."""
+    if not skipped:
+        return "no unusable files were skipped"
+    names = "; ".join(f"{os.path.basename(s.path)} ({s.reason})" for s in skipped[:20])
+    return f"{len(skipped)} unusable file(s) skipped: {names}" + (" ..." if len(skipped) > 20 else "")
 
 
 def with_ci(figures: dict, key: str) -> str:
@@ -178,16 +187,16 @@ def clinical_section(clinical: dict, operating_point: str | None, calibration: s
         rows = [[name, with_ci(binary, key)] for name, key in (
             ("AUC", "auc"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
             ("PPV", "ppv"), ("NPV", "npv"), ("accuracy", "accuracy"))]
-        parts.append(_table(["at the threshold " + f"{binary['threshold']:.4g}", "value (95 % CI)"], rows))
+        parts.append(table(["at the threshold " + f"{binary['threshold']:.4g}", "value (95 % CI)"], rows))
         if "confusion_matrix" in binary:
             (tn, fp), (fn, tp) = binary["confusion_matrix"]
-            parts.append("<h3>Confusion matrix at the threshold</h3>" + _table(
+            parts.append("<h3>Confusion matrix at the threshold</h3>" + table(
                 ["", "decided negative", "decided positive"],
                 [["truly negative", tn, fp], ["truly positive", fn, tp]]))
     elif "per_label" in clinical:
         rows = [[name, with_ci(f, "auc"), with_ci(f, "sensitivity"), with_ci(f, "specificity"), f"{f['threshold']:.3g}"]
                 for name, f in clinical["per_label"].items()]
-        parts.append(_table(["label", "AUC", "sensitivity", "specificity", "threshold"], rows))
+        parts.append(table(["label", "AUC", "sensitivity", "specificity", "threshold"], rows))
     for name, png in (("ROC with the operating point", operating_point), ("Calibration", calibration)):
         if png:
             parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{png}"><figcaption>{name}</figcaption></figure>')
@@ -203,7 +212,7 @@ def summary_section(summary: dict) -> str:
     headline = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(value)} "
                        f"<span class=\"split\">({html.escape(split)})</span></li>"
                        for name, value, split in summary.get("headline", []))
-    return ('<section id="summary"><h2>Summary</h2>' + _table(None, rows, css="facts")
+    return ('<section id="summary"><h2>Summary</h2>' + table(None, rows, css="facts")
             + (f"<ul class=\"headline\">{headline}</ul>" if headline else "") + "</section>")
 
 
@@ -212,7 +221,7 @@ def folds_section(folds: list[dict], summary: dict) -> str:
     rows = [[f"fold {i + 1}"] + [f"{fold.get(k, float('nan')):.3f}" for k in keys] for i, fold in enumerate(folds)]
     rows.append(["mean ± sd"] + [f"{summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in keys])
     links = "".join(f'<li><a href="fold{i + 1}/report.html">fold {i + 1} report</a></li>' for i in range(len(folds)))
-    return '<section id="folds"><h2>Cross-validation</h2>' + _table([""] + keys, rows) + f"<ul>{links}</ul></section>"
+    return '<section id="folds"><h2>Cross-validation</h2>' + table([""] + keys, rows) + f"<ul>{links}</ul></section>"
 
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -220,7 +229,9 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 td:first-child,th:first-child{text-align:left}img{max-width:100%}.split{color:#666}
 .facts td{text-align:left}
 .warning{background:#fff3cd;padding:.5em}#summary{background:#f6f8fa;padding:.2em 1em 1em}
-.gradcam img{width:512px;image-rendering:auto}figure{display:inline-block;margin:0 1em 1em 0}"""
+.gradcam img{width:512px;image-rendering:auto}figure{display:inline-block;margin:0 1em 1em 0}
+.example figure img{image-rendering:pixelated}.swatch{display:inline-block;width:1em;height:1em;margin:0 .3em 0 1em;
+vertical-align:middle;border:1px solid #888}"""
 
 
 def write_page(path, title: str, body: str) -> None:
@@ -245,25 +256,25 @@ def write_report(path, title: str, history, class_names, y_true, probabilities, 
 
     sections = []
     if history is not None and history.history:
-        sections.append(_png_section("Training curves (dotted lines: phase starts)",
+        sections.append(png_section("Training curves (dotted lines: phase starts)",
                                      curves_png(history.history, history.phase_starts)))
     if multi_label:
         y_onehot = np.asarray(y_true)
         y_pred_onehot = np.asarray(decisions) if decisions is not None else (probabilities >= 0.5).astype(int)
-        table = classification_report(y_onehot, y_pred_onehot, target_names=class_names,
+        per_class = classification_report(y_onehot, y_pred_onehot, target_names=class_names,
                                       output_dict=True, zero_division=0)
     else:
         y_true = np.asarray(y_true).astype(int)
         y_pred = np.asarray(decisions) if decisions is not None else probabilities.argmax(axis=1)
         y_onehot = np.eye(len(class_names))[y_true]
-        table = classification_report(y_true, y_pred, labels=range(len(class_names)),
+        per_class = classification_report(y_true, y_pred, labels=range(len(class_names)),
                                       target_names=class_names, output_dict=True, zero_division=0)
-        sections.append(_png_section(f"Confusion matrix at the decision rule ({split})",
+        sections.append(png_section(f"Confusion matrix at the decision rule ({split})",
                                      confusion_png(y_true, y_pred, class_names, split)))
-    sections.append(_png_section(f"ROC curves ({split})", roc_png(y_onehot, probabilities, class_names, split)))
-    sections.append(_png_section(f"Calibration ({split})", calibration_png(y_onehot, probabilities, split)))
+    sections.append(png_section(f"ROC curves ({split})", roc_png(y_onehot, probabilities, class_names, split)))
+    sections.append(png_section(f"Calibration ({split})", calibration_png(y_onehot, probabilities, split)))
     if images is not None and not multi_label:
-        sections.append(_png_section(f"Most confidently wrong images ({split})",
+        sections.append(png_section(f"Most confidently wrong images ({split})",
                                      wrong_grid_png(images, y_true, y_pred, probabilities.max(axis=1), class_names)))
     for picture in extra_images:  # Grad-CAM overlays, already PNG files (original | overlay)
         png = base64.b64encode(picture.read_bytes()).decode()
@@ -271,14 +282,14 @@ def write_report(path, title: str, history, class_names, y_true, probabilities, 
                         f'<img alt="Grad-CAM {html.escape(picture.stem)}" src="data:image/png;base64,{png}"></section>')
 
     rows = [[name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1-score']:.3f}", int(v["support"])]
-            for name, v in table.items() if isinstance(v, dict)]
+            for name, v in per_class.items() if isinstance(v, dict)]
     metric_rows = [[k, f"{v:.4f}"] for k, v in (metrics or {}).items() if isinstance(v, (int, float))]
     body = (summary_section(summary) if summary else "")
     body += f"<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>"
     if clinical:
         body += clinical_section(clinical, *clinical_plots)
-    body += "<h2>Metrics</h2>" + _table(["metric", "value"], metric_rows)
-    body += f"<h2>Per-class precision / recall / F1 ({split})</h2>" + _table(
+    body += "<h2>Metrics</h2>" + table(["metric", "value"], metric_rows)
+    body += f"<h2>Per-class precision / recall / F1 ({split})</h2>" + table(
         ["class", "precision", "recall", "F1", "support"], rows)
     body += "".join(sections)
     write_page(path, title, body)

@@ -55,6 +55,30 @@ def cached_path(preset) -> Path:
     return cache_dir() / preset.backbone / f"{preset.name}-{preset.file_name}"
 
 
+def unavailable(preset, timeout: float = 3.0) -> str | None:
+    """Why ``preset`` cannot be loaded here, said before anything heavy runs (None: it can, or
+    it can be downloaded): not cached, and its host cannot be reached."""
+    if cached_path(preset).is_file():
+        return None
+    if preset.hub_repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(preset.hub_repo, preset.file_name, revision=preset.hub_revision), str):
+            return None
+        url = "https://huggingface.co"
+    else:
+        url = preset.url
+    from restransfer.net import unreachable
+
+    reason = unreachable(url, timeout)
+    if reason is None:
+        return None
+    where = "the Hugging Face cache" if preset.hub_repo else cached_path(preset)
+    return (f"{preset.id}: {preset.file_name} is not cached ({where}) and cannot be downloaded "
+            f"({reason}). On a machine with internet run `restransfer weights download {preset.id}` and copy "
+            f"the file to that path, or bring the file and run `restransfer weights import FILE --as {preset.id}`")
+
+
 def file_digests(path) -> tuple[str, str]:
     """(SHA-256, MD5) hex digests of a file, read once."""
     sha, md5 = hashlib.sha256(), hashlib.md5()

@@ -1,8 +1,9 @@
 """Task heads. A head also carries what the model needs to be used as it was trained, so it
-travels inside the model file: the class names, the image contract (how files become the
-network's input: full-precision 16-bit decoding, the medical window and normalisation), the
-decision rule (:mod:`restransfer.models.decision`) and a temperature that recalibrates the
-probabilities (a variable, so Keras, a reloaded model and the SavedModel all apply it)."""
+travels inside the model file: the task it was trained for, the class names, the image
+contract (how files become the network's input: full-precision 16-bit decoding, the medical
+window and normalisation) and the decision rule. :class:`TaskHead` is what every task's head
+is; :class:`ClassifierHead` adds a temperature that recalibrates the probabilities (a
+variable, so Keras, a reloaded model and the SavedModel all apply it)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ import keras
 from restransfer.models.decision import DecisionRule
 
 
+class TaskHead(keras.layers.Layer):
+    """What every task's head carries: ``task`` (its entry in :mod:`restransfer.tasks.registry`),
+    ``class_names`` and ``image_contract``; the model's decision rule is the subclass's."""
+
+    task: str = "classification"
+    class_names: list[str]
+    image_contract: dict
+
+
 @keras.saving.register_keras_serializable(package="restransfer")
-class ClassifierHead(keras.layers.Layer):
+class ClassifierHead(TaskHead):
     """Dropout -> optional hidden Dense+ReLU -> Dense with softmax or sigmoid.
 
     Always computed in float32 (``dtype="float32"``), even under a mixed-precision policy,
@@ -28,10 +38,12 @@ class ClassifierHead(keras.layers.Layer):
         class_names: list[str] | None = None,
         image_contract: dict | None = None,
         decision: dict | None = None,
+        task: str = "classification",
         **kwargs,
     ):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
+        self.task = task
         if num_classes < 1 or (not multi_label and num_classes < 2):
             raise ValueError(f"num_classes must be >= 2 (>= 1 for multi-label), got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
@@ -88,6 +100,7 @@ class ClassifierHead(keras.layers.Layer):
             "class_names": self.class_names,
             "image_contract": self.image_contract,
             "decision": self.decision.get_config(),
+            "task": self.task,
         }
 
     def set_decision(self, decision: DecisionRule) -> None:
@@ -101,8 +114,9 @@ class ClassifierHead(keras.layers.Layer):
         super().load_own_variables(store)
 
 
-def find_head(model: keras.Model) -> ClassifierHead:
+def find_head(model: keras.Model) -> TaskHead:
+    """The head of a task model (the layer that carries its classes and decision rule)."""
     for layer in model.layers:
-        if isinstance(layer, ClassifierHead):
+        if isinstance(layer, TaskHead):
             return layer
-    raise ValueError(f"{model.name} has no restransfer ClassifierHead")
+    raise ValueError(f"{model.name} has no restransfer task head (it was not made by a restransfer recipe)")

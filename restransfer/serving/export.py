@@ -22,6 +22,7 @@ joined by ",").
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -40,7 +41,7 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _serving_module(model, class_names, image_size, channels, top_k, decision, keep_precision):
+def _serving_module(model, class_names, image_size, channels, top_k, decision, keep_precision, normalize=None):
     import tensorflow as tf
 
     from restransfer.data.decoding import decode_image_bytes, resize_image
@@ -81,7 +82,7 @@ def _serving_module(model, class_names, image_size, channels, top_k, decision, k
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(self, image_bytes):
             def decode(encoded):
-                return resize_image(decode_image_bytes(encoded, channels, keep_precision), image_size)
+                return resize_image(decode_image_bytes(encoded, channels, keep_precision, normalize), image_size)
 
             pixels = tf.map_fn(decode, image_bytes,
                                fn_output_signature=tf.TensorSpec([image_size, image_size, channels], tf.float32))
@@ -119,7 +120,7 @@ def write_warmup_requests(path: Path, encoded_images: list[bytes], model_name: s
             writer.write(log.SerializeToString())
 
 
-def _model_card(metadata, class_names, image_size, channels, decision, top_k, keep_precision):
+def _model_card(metadata, class_names, image_size, channels, decision, top_k, keep_precision, normalize=None):
     import keras
     import tensorflow as tf
 
@@ -139,6 +140,8 @@ def _model_card(metadata, class_names, image_size, channels, decision, top_k, ke
                                '{"instances": [{"b64": "..."}]}), decoded in the graph by the ops that '
                                "decoded the training images: EXIF orientation applied, transparency "
                                "composited on white, 16-bit values scaled to 0-255"
+                               + (f", 16-bit PNGs' intensities mapped to 0-255 by their {'percentile' if normalize == 'auto' else normalize} range"
+                                  if normalize else "")
                                + ("" if keep_precision else " and rounded to 8 bits")
                                + f", {channels} channel(s)" + (" (ITU-R 601-2 luma)" if channels == 1 else ""),
             "predict_images": f"images: float32 [N, H, W, {channels}], raw 0-255 pixels, "
@@ -179,6 +182,7 @@ def export_saved_model(
     metadata: dict | None = None,
     encoded_images: list[bytes | None] | None = None,
     keep_precision: bool = False,
+    decode_options: dict | None = None,
 ) -> Path:
     """Exports ``model`` for TF Serving; returns the version directory.
 
@@ -190,48 +194,77 @@ def export_saved_model(
     """
     import tensorflow as tf
 
-    started = time.time()
-    model_dir = Path(out_dir) / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = int(version) if version is not None else next_version(model_dir)
-    final = model_dir / str(version)
-    if final.exists():
-        raise FileExistsError(f"{final} exists; exports never overwrite a version")
     from restransfer.models.heads import find_head
 
+    started = time.time()
     channels = int(model.input_shape[-1])
     decision = decision or find_head(model).decision
     decision.check(list(class_names), decision.rule == "per_label")
-    if not warmup_images:
-        warmup_images = [np.full((image_size, image_size, channels), 128, np.uint8)]
-    warmup_images = list(warmup_images[:8])
-    encoded_images = list(encoded_images or [None] * len(warmup_images))[: len(warmup_images)]
-    encoded_images = [e if e is not None else encode_png(image) for e, image in zip(encoded_images, warmup_images)]
-    staging = model_dir / f".partial-{version}-{uuid.uuid4().hex[:8]}"
-    try:
-        module = _serving_module(model, list(class_names), image_size, channels, top_k, decision, keep_precision)
+    warmup_images, encoded_images = warmup_samples(warmup_images, encoded_images, image_size, channels)
+    with staged_version(out_dir, model_name, version) as (staging, version):
+        normalize = (decode_options or {}).get("normalize")
+        module = _serving_module(model, list(class_names), image_size, channels, top_k, decision, keep_precision,
+                                 normalize)
         tf.saved_model.save(
             module, str(staging),
             signatures={"serving_default": module.serving_default,
                         "predict_images": module.predict_images},
         )
-        (staging / "assets").mkdir(exist_ok=True)
-        (staging / "assets" / "labels.txt").write_text("\n".join(class_names) + "\n")
+        write_labels(staging, class_names)
         write_warmup_requests(staging / "assets.extra" / "tf_serving_warmup_requests", encoded_images,
                               model_name)
         parity = verify_export(staging, model, warmup_images, encoded_images, image_size, decision,
                                list(class_names))
         card = _model_card({**(metadata or {}), "model_name": model_name, "version": version},
-                           class_names, image_size, channels, decision, top_k, keep_precision)
+                           class_names, image_size, channels, decision, top_k, keep_precision, normalize)
         card["export_parity_max_abs_diff"] = parity
-        (staging / "assets.extra" / "model_card.json").write_text(json.dumps(card, indent=2))
-        (staging / "assets.extra" / "MODEL_CARD.md").write_text(_markdown_card(card))
+        write_card(staging, card)
+    final = staging.parent / str(version)
+    print(f"exported {final} in {time.time() - started:.1f}s (parity max|dprob| {parity:.2e})")
+    return final
+
+
+def warmup_samples(images, encoded, image_size: int, channels: int):
+    """(decoded pixels, original bytes) of at most 8 warm-up images: a gray image without any;
+    arrays (no file) sent as lossless PNG."""
+    if not images:
+        images = [np.full((image_size, image_size, channels), 128, np.uint8)]
+    images = list(images[:8])
+    encoded = list(encoded or [None] * len(images))[: len(images)]
+    return images, [e if e is not None else encode_png(image) for e, image in zip(encoded, images)]
+
+
+@contextlib.contextmanager
+def staged_version(out_dir, model_name: str, version: int | None):
+    """``out_dir/<model_name>/<version>/`` written under a hidden temporary name beside it and
+    renamed into place only when the block finishes (an exception removes it): Serving watches
+    integer-named directories only, so it never sees a partial export. Yields (staging, version)."""
+    from restransfer.paths import child
+
+    model_dir = child(out_dir, model_name, "model name")  # never a path out of out_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = int(version) if version is not None else next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; exports never overwrite a version")
+    staging = model_dir / f".partial-{version}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging, version
         os.rename(staging, final)  # atomic on one filesystem: the version appears complete
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"exported {final} in {time.time() - started:.1f}s (parity max|dprob| {parity:.2e})")
-    return final
+
+
+def write_labels(staging: Path, class_names) -> None:
+    (staging / "assets").mkdir(parents=True, exist_ok=True)
+    (staging / "assets" / "labels.txt").write_text("\n".join(class_names) + "\n")
+
+
+def write_card(staging: Path, card: dict) -> None:
+    (staging / "assets.extra").mkdir(parents=True, exist_ok=True)
+    (staging / "assets.extra" / "model_card.json").write_text(json.dumps(card, indent=2))
+    (staging / "assets.extra" / "MODEL_CARD.md").write_text(_markdown_card(card))
 
 
 def verify_export(export_dir, model, images: list[np.ndarray], encoded: list[bytes], image_size: int,

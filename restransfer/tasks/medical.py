@@ -22,22 +22,51 @@ from restransfer import data as data_lib
 from restransfer.evaluation import metrics
 from restransfer.models.decision import DecisionRule
 from restransfer.models.heads import find_head
+from restransfer.tasks.base import COMMON_ARGUMENTS
 from restransfer.tasks.classification import ClassificationRecipe
 
 
 class MedicalImagingRecipe(ClassificationRecipe):
-    def __init__(self, *args, class_weight="balanced", focal_gamma: float | None = None,
-                 window="file", normalize: str = "percentile", threshold_method: str = "youden",
-                 target_sensitivity: float = 0.9, positive_class: str | None = None,
-                 tta: bool = False, temperature_scaling: bool = False, augmentation="medical", **kwargs):
-        kwargs.setdefault("decode_options", {"window": window, "normalize": normalize})
-        super().__init__(*args, augmentation=augmentation, **kwargs)
+    __doc__ = """Classification of medical images with what clinical data needs (see the module
+    docstring). Takes every :class:`ClassificationRecipe` argument, and:
+
+    Arguments of the medical task:
+        class_weight: ``"balanced"`` (from the training split), None, or {class id: weight}.
+        focal_gamma: focal loss with this gamma instead of cross-entropy.
+        window: DICOM window: ``"file"`` (the file's own), a preset (``"brain"``, ``"lung"``, ...)
+            or (centre, width).
+        normalize: how DICOM (without a window), NIfTI and 16-bit PNG/TIFF intensities map to
+            0-255: ``"auto"`` (= ``"percentile"``), ``"percentile"``, ``"minmax"``, ``"zscore"``.
+        threshold_method: ``"youden"`` or ``"sensitivity"`` (the highest threshold reaching
+            ``target_sensitivity``), chosen on validation by :meth:`calibrate`.
+        positive_class: the class a binary task detects (required for two classes).
+        tta: average the probabilities of 5 test-time views (served too).
+        temperature_scaling: fit a temperature on validation (calibrated probabilities).
+        threshold_val_fraction: cross-validation: the share of each fold's training part held
+            out to choose the threshold.
+        gradcam_images: Grad-CAM overlays in a run's report.
+
+    Arguments of classification: multi_label, head_dropout, head_hidden_units (see
+    :class:`ClassificationRecipe`).
+    """ + COMMON_ARGUMENTS
+
+    task = "medical"
+
+    def __init__(self, backbone: str = "resnet50", weights="imagenet", *, class_weight="balanced",
+                 focal_gamma: float | None = None, window="file", normalize: str = "auto",
+                 threshold_method: str = "youden", target_sensitivity: float = 0.9,
+                 positive_class: str | None = None, tta: bool = False, temperature_scaling: bool = False,
+                 threshold_val_fraction: float = 0.15, gradcam_images: int = 6, **options):
+        options.setdefault("decode_options", {"window": window, "normalize": normalize})
+        super().__init__(backbone, weights, **options)
         if class_weight not in ("balanced", None) and not isinstance(class_weight, dict):
             raise ValueError(f"class_weight must be 'balanced', None or a dict, got {class_weight!r}")
         self.class_weight, self.focal_gamma = class_weight, focal_gamma  # imbalance
         self.threshold_method, self.target_sensitivity = threshold_method, target_sensitivity
         self.positive_class, self.tta, self.temperature_scaling = positive_class, tta, temperature_scaling
+        self.threshold_val_fraction, self.gradcam_images = threshold_val_fraction, gradcam_images
         self._calibrated_on: str | None = None  # fingerprint of the data calibrate() tuned on
+        self._clinical: tuple[dict, object] | None = None  # (figures, the data they are on)
 
     @property
     def tta(self) -> bool:
@@ -64,30 +93,40 @@ class MedicalImagingRecipe(ClassificationRecipe):
         return {"test_time_augmentation": self._tta}
 
     @classmethod
-    def _options_saved_in(cls, head) -> dict:
+    def _arguments_saved_in(cls, model, head) -> dict:
         rule = head.decision
-        return {"tta": rule.test_time_augmentation,
+        return {**super()._arguments_saved_in(model, head), "tta": rule.test_time_augmentation,
                 **({"positive_class": rule.positive_class} if rule.positive_class else {})}
 
     # --- training -------------------------------------------------------------------------
 
-    def _fit_options(self, train) -> dict:
-        options = {"focal_gamma": self.focal_gamma}
+    def objective(self, train):
+        """Classification's, with class weights from the training split (scikit-learn's
+        "balanced") and the focal loss when asked."""
+        from restransfer.training.objectives import ClassificationObjective
+
+        class_weight = None
         if self.class_weight == "balanced" and isinstance(train, data_lib.ImageData) and not train.multi_label:
             from sklearn.utils.class_weight import compute_class_weight
 
             present = np.unique(train.labels)
             weights = compute_class_weight("balanced", classes=present, y=train.labels)
-            options["class_weight"] = {int(c): float(w) for c, w in zip(present, weights)}
+            class_weight = {int(c): float(w) for c, w in zip(present, weights)}
         elif isinstance(self.class_weight, dict):
-            options["class_weight"] = {int(k): float(v) for k, v in self.class_weight.items()}
-        return options
+            class_weight = {int(k): float(v) for k, v in self.class_weight.items()}
+        return ClassificationObjective(self.num_classes, self.multi_label, self.focal_gamma, class_weight)
 
     # --- clinical evaluation ---------------------------------------------------------------
 
-    def _check_task(self) -> None:
+    def _check_task(self, train) -> None:
         if len(self.class_names) == 2 and not self.multi_label:
             self._positive_index()
+        normalize = self.decode_options.get("normalize")
+        if normalize not in (None, "auto") and getattr(train, "paths", None) is not None \
+                and not any(data_lib.high_bit_depth(p) for p in train.paths):
+            raise ValueError(f"normalize={normalize!r} acts on DICOM (without a window), NIfTI and 16-bit PNG/TIFF "
+                             f"files, and none of the {len(train)} training files is one (8-bit files are used as "
+                             "stored): remove it (or set it to 'auto')")
 
     def _positive_index(self) -> int:
         """A binary task's positive class must be named: sensitivity and specificity swap
@@ -139,9 +178,10 @@ class MedicalImagingRecipe(ClassificationRecipe):
             return {**report, "per_label": {name: metrics.binary_report(test.labels[:, j], probabilities[:, j],
                                                                         thresholds[j], bootstrap=bootstrap)
                                             for j, name in enumerate(self.class_names)}}
+        decided = np.asarray(self.decision.decide(probabilities, self.class_names))
         report = {**report, "auc": metrics.multiclass_auc(test.labels, probabilities),
                   "ece": metrics.expected_calibration_error(test.labels, probabilities),
-                  "accuracy": float((probabilities.argmax(axis=1) == test.labels).mean())}
+                  "accuracy": float((decided == test.labels).mean())}  # of the model's decisions
         if len(self.class_names) == 2:
             positive = self._positive_index()
             truth, scores = (test.labels == positive).astype(int), probabilities[:, positive]
@@ -176,6 +216,75 @@ class MedicalImagingRecipe(ClassificationRecipe):
             overlay_png(image, heat, path)
             written.append(path)
         return written
+
+    def _figures(self, probabilities, labels) -> dict[str, float]:
+        """Classification's figures of the model's decisions, and for a binary task the clinical
+        figures at its threshold: AUC, sensitivity, specificity, PPV, NPV."""
+        figures = super()._figures(probabilities, labels)
+        labels = np.asarray(labels)
+        if len(self.class_names) == 2 and not self.multi_label and self.decision.positive_class:
+            positive = self.class_names.index(self.decision.positive_class)
+            truth = (labels == positive).astype(int)
+            if 0 < truth.sum() < len(truth):
+                threshold = 0.5 if self.threshold is None else self.threshold
+                clinical = metrics.binary_report(truth, probabilities[:, positive], threshold, bootstrap=0)
+                figures.update({key: clinical[key] for key in ("auc", "sensitivity", "specificity", "ppv", "npv")})
+                figures["threshold"] = float(threshold)
+        return figures
+
+    # --- the run's report -----------------------------------------------------------------
+
+    def tuned_on_validation(self) -> list[str]:
+        return super().tuned_on_validation() + ["the decision threshold was chosen"]
+
+    def inner_validation_fraction(self) -> float:
+        """Cross-validation: the share of each fold's training part that chooses the threshold."""
+        return self.threshold_val_fraction
+
+    def after_training(self, val, scored, out_dir: Path, tuned_on: str, scored_on: str) -> dict:
+        """Threshold (and temperature) chosen on ``val``, stored in the model, then applied
+        unchanged to ``scored``; Grad-CAM overlays of its first images. The report names both."""
+        if val is not None:
+            self.calibrate(val, split=tuned_on)
+        clinical = {"decision_rule": self.decision.describe(), "threshold_chosen_on": tuned_on,
+                    "figures_on": scored_on, **self.evaluate_clinical(scored)}
+        if self.gradcam_images:
+            self.grad_cam_overlays(scored, Path(out_dir) / "gradcam", count=self.gradcam_images)
+        self._clinical = (clinical, scored)
+        return {"clinical": clinical}
+
+    def fold_figures(self, findings: dict) -> dict:
+        binary = findings.get("clinical", {}).get("binary", {})
+        return {f"test_{k}": binary[k] for k in ("auc", "sensitivity", "specificity", "accuracy") if k in binary}
+
+    def _headline(self, metrics: dict, split_notes: dict) -> list:
+        from restransfer.evaluation.report import with_ci
+
+        clinical = self._clinical[0] if self._clinical else None
+        if clinical and "binary" in clinical:
+            binary = clinical["binary"]
+            return [(name, with_ci(binary, key), clinical["figures_on"])
+                    for name, key in (("AUC", "auc"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))]
+        return super()._headline(metrics, split_notes)
+
+    def _report_extras(self, run_dir: Path) -> dict:
+        from restransfer.evaluation import report as report_lib
+
+        extras = {"extra_images": sorted((Path(run_dir) / "gradcam").glob("*.png"))}
+        if not self._clinical:
+            return extras
+        clinical, data = self._clinical
+        plots = (None, None)
+        if "binary" in clinical and data is not None:
+            scores = self.predict_dataset(data)
+            positive = self.class_names.index(self.decision.positive_class)
+            truth = (np.asarray(data.labels) == positive).astype(int)
+            on = clinical["figures_on"].split(":")[0]
+            plots = (report_lib.operating_point_png(truth, scores[:, positive], self.decision.threshold, on,
+                                                    self.class_names[positive]),
+                     report_lib.calibration_png(np.eye(len(self.class_names))[data.labels], scores,
+                                                on, temperature=self.temperature))
+        return {**extras, "clinical": clinical, "clinical_plots": plots}
 
 
 def _fingerprint(data) -> str | None:

@@ -113,20 +113,35 @@ class FeatureCache:
         return out
 
     def train_dataset(self, backbone, start_epoch: int):
-        """Endless (features, labels) batches; epoch e uses view e % views, order (seed, e)."""
+        """Endless (features, labels) batches; epoch e uses view e % views, order (seed, e).
+        A cache in memory becomes one tensor; a memory-mapped one on disk is read batch by
+        batch, so it never takes its whole size in RAM."""
         import tensorflow as tf
 
         from restransfer.data.pipeline import epoch_order
 
-        features = tf.constant(np.asarray(self.features(backbone)))
+        cached = self.features(backbone)
         labels = tf.constant(self.data.labels)
-        count, views = len(self.data), self.views
+        count, views, width = len(self.data), self.views, cached.shape[-1]
+        if isinstance(cached, np.memmap):
+            def gather(view, order):
+                rows = np.sort(order)  # one pass along the file, then back into the epoch's order
+                return cached[int(view)][rows][np.argsort(np.argsort(order))]
+
+            def batch_of(view, order):
+                features = tf.numpy_function(gather, [view, order], tf.float32, stateful=False)
+                return tf.ensure_shape(features, [None, width]), tf.gather(labels, order)
+        else:
+            features = tf.constant(cached)
+
+            def batch_of(view, order):
+                return tf.gather(tf.gather(features, view), order), tf.gather(labels, order)
 
         def one_epoch(epoch):
             order = epoch_order(count, self.seed, epoch)
-            view = tf.gather(features, epoch % views)
-            return tf.data.Dataset.from_tensor_slices((tf.gather(view, order), tf.gather(labels, order))) \
-                .batch(self.batch_size)
+            view = tf.cast(epoch % views, tf.int64)
+            return tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size).map(
+                lambda batch_order: batch_of(view, batch_order))
 
         return tf.data.Dataset.range(start_epoch, 2**31).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 

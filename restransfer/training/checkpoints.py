@@ -10,12 +10,34 @@ import keras
 import numpy as np
 
 
+STATE_ENTRY = "restransfer_state.json"  # inside last.keras: the model and its state are one file
+
+
+def read_state(directory) -> dict | None:
+    """The training state of the checkpoint in ``directory`` (None when there is none): the
+    copy inside ``last.keras``, which is always the model's own (``state.json`` beside it is
+    for people and may lag it by an epoch after a kill)."""
+    import zipfile
+
+    model_path = Path(directory) / "last.keras"
+    if not model_path.is_file():
+        return None
+    with zipfile.ZipFile(model_path) as archive:
+        if STATE_ENTRY in archive.namelist():
+            return json.loads(archive.read(STATE_ENTRY))
+    legacy = Path(directory) / "state.json"  # a checkpoint written before the state moved inside
+    return json.loads(legacy.read_text()) if legacy.is_file() else None
+
+
 class Checkpointer:
     """Saves the model (with optimizer, schedule step and RNG state) and where training
     stands after every epoch, so an interrupted run continues where it stopped.
 
-    ``last.keras`` and ``state.json`` are each written to a temporary file and renamed, and
-    the state is written after the model, so the state never points past the model.
+    A checkpoint is one file: ``last.keras`` holds the model and, as an extra zip entry, the
+    training state; it is written under a temporary name and renamed, so a kill at any moment
+    leaves the previous epoch's model with the previous epoch's state. ``state.json`` beside
+    it is a readable copy written afterwards. Early stopping's best weights are written
+    before the checkpoint that names them and removed only after one that names another.
 
     In multi-worker training every worker reads the checkpoint (the directory must be on a
     file system they share) and only the chief (``writer=True``) writes it.
@@ -48,9 +70,13 @@ class Checkpointer:
             temporary = self.directory / ".best.partial.npz"
             np.savez(temporary, *best_weights)
             os.replace(temporary, self.directory / stopping["best_weights_file"])
+        import zipfile
+
         temporary = self.directory / ".last.keras.partial.keras"
         model.save(temporary)
-        os.replace(temporary, self.model_path)
+        with zipfile.ZipFile(temporary, "a") as archive:
+            archive.writestr(STATE_ENTRY, json.dumps(state))
+        os.replace(temporary, self.model_path)  # model and state arrive together
         temporary_state = self.directory / ".state.json.partial"
         temporary_state.write_text(json.dumps(state))
         os.replace(temporary_state, self.state_path)
@@ -69,9 +95,9 @@ class Checkpointer:
 
     def load(self):
         """(model, state) of the last complete epoch, or (None, None)."""
-        if not (self.model_path.is_file() and self.state_path.is_file()):
+        state = read_state(self.directory)
+        if state is None:
             return None, None
-        state = json.loads(self.state_path.read_text())
         model = keras.saving.load_model(self.model_path, safe_mode=True)
         for key, variable in self._random_states(model).items():
             if key in state.get("rng", {}):

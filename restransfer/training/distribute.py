@@ -222,6 +222,9 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
     # treat the batch as global and split it again.)
     iterator = iter(strategy.distribute_datasets_from_function(lambda context: train_ds))
     optimizer = model.optimizer
+    if not optimizer.built:  # its variables now, not while the step is traced (which would trace it twice)
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
     weights_by_class = _class_weight_table(class_weight, model.output_shape[-1])
     loss_mean, val_loss_mean = keras.metrics.Mean(name="loss"), keras.metrics.Mean(name="loss")
     average_statistics = batchnorm_averager(model, strategy)
@@ -293,9 +296,12 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
         if validation_data is not None:
             for metric in [val_loss_mean, *val_metrics]:
                 metric.reset_state()
+            callback_list.on_test_begin()  # as fit: SwapEMAWeights validates the EMA weights
             for images, labels in validation_data:
                 val_step(images, labels)
-            logs = {**logs, **results(val_loss_mean, val_metrics, "val_")}
+            val_logs = results(val_loss_mean, val_metrics, "val_")
+            callback_list.on_test_end(val_logs)
+            logs = {**logs, **val_logs}
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break

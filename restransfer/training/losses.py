@@ -1,10 +1,8 @@
-"""Labels, losses, metrics and compiling a model for a phase."""
+"""Labels, losses and metrics of classification and segmentation, and MixUp."""
 
 from __future__ import annotations
 
 import keras
-
-from restransfer import devices
 
 
 def one_hot_labels(ds, num_classes: int):
@@ -31,17 +29,6 @@ def loss_and_metrics(multi_label: bool, label_smoothing: float = 0.0, focal_gamm
                 if focal_gamma else keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     return loss, metrics
-
-
-def compile_model(model, optimizer, multi_label: bool, label_smoothing: float = 0.0,
-                  focal_gamma: float | None = None, steps_per_execution: int | None = None) -> None:
-    """``steps_per_execution``: default 8 on a GPU (several steps per call keep it fed), 1
-    elsewhere; Keras' jit_compile="auto" turns XLA on there and leaves it off on CPUs (where
-    it measured ~2x slower here)."""
-    loss, metrics = loss_and_metrics(multi_label, label_smoothing, focal_gamma)
-    if steps_per_execution is None:
-        steps_per_execution = 8 if devices.gpu_count() else 1
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
 
 
 def apply_mixup(ds, alpha: float, seed: int, phase_index: int = 0, first_step: int = 0):
@@ -71,3 +58,110 @@ def apply_mixup(ds, alpha: float, seed: int, phase_index: int = 0, first_step: i
                 labels * share[:, None] + tf.gather(labels, partner) * (1 - share[:, None]))
 
     return ds.enumerate(start=first_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- segmentation ---------------------------------------------------------------------------
+
+
+def _valid_pixels(y_true, ignore_index):
+    import tensorflow as tf
+
+    y_true = tf.cast(y_true, tf.int32)
+    if ignore_index is None:
+        return y_true, tf.ones_like(y_true, tf.float32)
+    valid = tf.not_equal(y_true, ignore_index)
+    return tf.where(valid, y_true, 0), tf.cast(valid, tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="restransfer")
+class SegmentationLoss(keras.losses.Loss):
+    """Per-pixel cross-entropy (binary: on the one foreground map; multi-class: softmax) plus
+    soft Dice, per image (each image's loss is one value, so Keras' mean and the multi-worker
+    step's global-batch division both apply). ``class_weights`` weigh the cross-entropy of
+    each true class's pixels; ``ignore_index`` pixels count in neither term.
+
+    ``mode``: ``"ce+dice"`` (the default: segmentation_models' and MONAI's DiceCE), ``"ce"`` or
+    ``"dice"``. Soft Dice is 1 - (2 sum p t + 1) / (sum p + sum t + 1) per class over an image's
+    valid pixels (the +1 keeps an empty mask predicted empty at ~0), averaged over the
+    foreground classes (binary: the one foreground class)."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, class_weights=None,
+                 mode: str = "ce+dice", name="segmentation_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if mode not in ("ce+dice", "ce", "dice"):
+            raise ValueError(f"segmentation loss must be 'ce+dice', 'ce' or 'dice', got {mode!r}")
+        self.num_classes, self.ignore_index, self.mode = int(num_classes), ignore_index, mode
+        self.class_weights = [float(w) for w in class_weights] if class_weights is not None else None
+
+    def call(self, y_true, y_pred):
+        import tensorflow as tf
+
+        y_true, valid = _valid_pixels(y_true, self.ignore_index)
+        probabilities = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
+        count = tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
+        if self.num_classes == 2:  # one sigmoid map
+            target = tf.cast(y_true, tf.float32)
+            foreground = probabilities[..., 0]
+            cross_entropy = -(target * tf.math.log(foreground) + (1 - target) * tf.math.log(1 - foreground))
+            truths, predictions = target[..., None], foreground[..., None]
+        else:
+            onehot = tf.one_hot(y_true, self.num_classes)
+            cross_entropy = -tf.reduce_sum(onehot * tf.math.log(probabilities), axis=-1)
+            truths, predictions = onehot[..., 1:], probabilities[..., 1:]
+        if self.class_weights is not None:
+            cross_entropy *= tf.gather(tf.constant(self.class_weights, tf.float32), y_true)
+        terms = []
+        if "ce" in self.mode:
+            terms.append(tf.reduce_sum(cross_entropy * valid, axis=[1, 2]) / count)
+        if "dice" in self.mode:
+            mask = valid[..., None]
+            intersection = tf.reduce_sum(truths * predictions * mask, axis=[1, 2])
+            total = tf.reduce_sum((truths + predictions) * mask, axis=[1, 2])
+            terms.append(tf.reduce_mean(1.0 - (2.0 * intersection + 1.0) / (total + 1.0), axis=-1))
+        return tf.add_n(terms)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "ignore_index": self.ignore_index,
+                "class_weights": self.class_weights, "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="restransfer")
+class DiceScore(keras.metrics.Metric):
+    """The foreground Dice of the decided masks over all images seen (the split's pixels
+    pooled: 2 sum(I) / (sum(P) + sum(T)) per foreground class, averaged), at threshold 0.5
+    (binary) or argmax; ``ignore_index`` pixels left out. What early stopping follows."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, name="dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes, self.ignore_index = int(num_classes), ignore_index
+        foreground = 1 if self.num_classes == 2 else self.num_classes - 1
+        self.intersection = self.add_weight(shape=(foreground,), initializer="zeros", name="intersection")
+        self.total = self.add_weight(shape=(foreground,), initializer="zeros", name="total")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        import tensorflow as tf
+
+        y_true, valid = _valid_pixels(y_true, self.ignore_index)
+        y_pred = tf.cast(y_pred, tf.float32)
+        if self.num_classes == 2:
+            decided = tf.cast(y_pred[..., 0] >= 0.5, tf.int32)
+        else:
+            decided = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+        classes = tf.range(1, self.num_classes)
+        truth = tf.cast(tf.equal(y_true[..., None], classes), tf.float32) * valid[..., None]
+        predicted = tf.cast(tf.equal(decided[..., None], classes), tf.float32) * valid[..., None]
+        self.intersection.assign_add(tf.reduce_sum(truth * predicted, axis=[0, 1, 2]))
+        self.total.assign_add(tf.reduce_sum(truth + predicted, axis=[0, 1, 2]))
+
+    def result(self):
+        import tensorflow as tf
+
+        # a class absent from truth and prediction alike scores 1 (nothing to find, nothing found)
+        return tf.reduce_mean(tf.where(self.total > 0, 2.0 * self.intersection / tf.maximum(self.total, 1e-7), 1.0))
+
+    def reset_state(self):
+        self.intersection.assign(keras.ops.zeros_like(self.intersection))
+        self.total.assign(keras.ops.zeros_like(self.total))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "ignore_index": self.ignore_index}

@@ -15,7 +15,7 @@ import numpy as np
 
 from restransfer.models import stages as stages_lib
 from restransfer.training.phases import Phase
-from restransfer.training.losses import compile_model, one_hot_labels
+from restransfer.training.objectives import Objective
 from restransfer.training.optimizers import make_optimizer
 
 
@@ -80,10 +80,10 @@ def smooth(values, beta=0.98):
     return out
 
 
-def find_lr(model, train_ds, phase: Phase, num_classes: int, multi_label: bool = False,
-            min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 200,
-            stop_factor: float = 4.0) -> LRFinderResult:
-    """Runs the range test on ``phase.trainable`` and restores the model's weights."""
+def find_lr(model, train_ds, phase: Phase, objective: Objective, min_lr: float = 1e-7, max_lr: float = 1.0,
+            steps: int = 200, stop_factor: float = 4.0) -> LRFinderResult:
+    """Runs the range test on ``phase.trainable`` with the task's ``objective`` (its targets
+    and loss) and restores the model's weights."""
     saved = [np.copy(w) for w in model.get_weights()]
     trainable_before = [layer.trainable for layer in stages_lib.iter_layers(model)]
     try:
@@ -92,8 +92,8 @@ def find_lr(model, train_ds, phase: Phase, num_classes: int, multi_label: bool =
         sweep = phase.model_copy(update={"schedule": "constant", "lr": 1.0, "ema": False})
         optimizer = make_optimizer(model, sweep, steps_per_epoch=steps)
         optimizer.learning_rate = _ExponentialRate(min_lr, max_lr, steps)
-        compile_model(model, optimizer, multi_label, steps_per_execution=1)  # one loss per batch
-        data = train_ds if multi_label else one_hot_labels(train_ds, num_classes)
+        objective.compile(model, optimizer, sweep, steps_per_execution=1)  # one loss per batch
+        data = objective.targets(train_ds)
         recorder = _RecordLoss(stop_factor)
         model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[recorder],
                   verbose=0, shuffle=False)
@@ -104,8 +104,15 @@ def find_lr(model, train_ds, phase: Phase, num_classes: int, multi_label: bool =
     losses = recorder.losses
     rates = [min_lr * (max_lr / min_lr) ** (i / max(1, steps - 1)) for i in range(len(losses))]
     smoothed = smooth(losses)
+    steepest, valley = suggestions(rates, smoothed)
+    return LRFinderResult(rates, losses, smoothed, steepest=steepest, valley=valley)
+
+
+def suggestions(rates, smoothed) -> tuple[float, float]:
+    """(steepest, valley) from a smoothed loss curve: the rate where the loss falls fastest
+    (per decade of rate) before its minimum, and a tenth of the rate at the minimum."""
     finite = [i for i, v in enumerate(smoothed) if np.isfinite(v)]
     lowest = min(finite, key=lambda i: smoothed[i])
     gradients = np.gradient(np.asarray([smoothed[i] for i in finite]), np.log([rates[i] for i in finite]))
     steepest = rates[finite[int(np.argmin(gradients[: max(1, finite.index(lowest) + 1)]))]]
-    return LRFinderResult(rates, losses, smoothed, steepest=steepest, valley=rates[lowest] / 10)
+    return steepest, rates[lowest] / 10

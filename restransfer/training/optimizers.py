@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from restransfer.models import stages as stages_lib
 from restransfer.training.phases import Phase
@@ -54,6 +55,22 @@ def _with_lr_multipliers(base):
 StageRateAdam = _with_lr_multipliers(keras.optimizers.Adam)
 StageRateAdamW = _with_lr_multipliers(keras.optimizers.AdamW)
 StageRateSGD = _with_lr_multipliers(keras.optimizers.SGD)
+
+
+def unwrapped(optimizer):
+    """The optimizer itself: under ``mixed_float16`` Keras wraps it in a ``LossScaleOptimizer``,
+    whose own ``use_ema`` is False and which holds no EMA weights; read optimizer state here."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def ema_weights(model) -> list | None:
+    """The model's weights with each trained variable's exponential moving average in place of
+    its raw value (None when its optimizer keeps no EMA)."""
+    optimizer = unwrapped(model.optimizer)
+    if not getattr(optimizer, "use_ema", False) or not getattr(optimizer, "_model_variables_moving_average", None):
+        return None
+    averages = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+    return [np.asarray(averages[id(w)]) if id(w) in averages else np.asarray(w) for w in model.weights]
 
 
 def lr_multipliers(model: keras.Model, phase: Phase) -> dict[str, float]:

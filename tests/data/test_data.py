@@ -332,3 +332,39 @@ def test_image_data_in_another_class_order_is_refused():
     assert data.as_image_data(source, class_names=["normal", "abnormal"]) is source
     with pytest.raises(ValueError, match=r"\['normal', 'abnormal'\] are not the model's \['abnormal', 'normal'\]"):
         data.as_image_data(source, class_names=["abnormal", "normal"])
+
+
+def test_a_hash_in_a_file_name_is_an_ordinary_character(tmp_path):
+    """Only ``volume.nii[.gz]#<slice>`` selects a NIfTI slice; ``photo#1.jpg`` is a photo."""
+    from restransfer.data.medical import split_slice
+
+    for name in ("photo#1.jpg", "scan #2.png", "a#b#c.png"):
+        write_image(tmp_path / "x" / name, np.full((8, 8, 3), 100, np.uint8))
+    source = data.image_folder(tmp_path, progress=False)
+    assert not source.skipped and len(source) == 3
+    assert split_slice("brain.nii.gz#40") == ("brain.nii.gz", 40)
+    assert split_slice(str(tmp_path / "x" / "photo#1.jpg")) == (str(tmp_path / "x" / "photo#1.jpg"), None)
+
+
+def test_16_bit_files_keep_their_levels_through_recipes_and_the_pipeline(tmp_path):
+    """A 12-bit scan stored in 16-bit PNGs (0..4095): with keep_precision 'auto' (the default)
+    and a medical normalisation, the pipeline's pixels keep thousands of levels, not the 17
+    that 8-bit rounding leaves."""
+    from PIL import Image
+
+    import restransfer as rt
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    for label in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "scans" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ramp).save(tmp_path / "scans" / label / f"{i}.png")
+    recipe = rt.MedicalImagingRecipe(backbone="resnet18", weights=None, image_size=64, channels=1,
+                                     positive_class="b", augmentation="none")
+    train, _, _ = recipe._training_data(str(tmp_path / "scans"), str(tmp_path / "scans"))
+    assert recipe.keep_precision is True and train.keep_precision
+    images, _ = next(iter(recipe._pipeline(train, training=False)))
+    assert len(np.unique(images.numpy())) > 1000
+    assert images.numpy().max() == pytest.approx(255.0, abs=1.0)  # normalised: the 12 bits span 0-255
+    plain = data.image_folder(tmp_path / "scans", channels=1, keep_precision=False, progress=False)
+    assert len(np.unique(data.load_image(plain.paths[0], 1, False))) <= 17  # what rounding kept before

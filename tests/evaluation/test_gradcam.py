@@ -19,10 +19,10 @@ def squares(count, rng, size=64):
 
 def test_grad_cam_highlights_the_planted_square(tmp_path):
     rng = np.random.default_rng(0)
-    images, labels, _ = squares(96, rng)
+    images, labels, _ = squares(64, rng)
     recipe = rt.ClassificationRecipe(backbone="resnet18", weights=None, image_size=64, batch_size=16,
                                      augmentation="none", early_stopping_patience=None, val_fraction=0,
-                                     phases=[Phase("all", epochs=6, lr=2e-3, schedule="one_cycle")],
+                                     phases=[Phase("all", epochs=5, lr=2e-3, schedule="one_cycle")],
                                      class_names=["plain", "square"])
     recipe.fit((images, labels), verbose=0)
     test_images, _, corners = squares(8, np.random.default_rng(1))

@@ -12,7 +12,7 @@ import pytest
 
 from restransfer.cli import runs
 
-from conftest import scans_npz
+from conftest import scans_npz, write_pairs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
@@ -109,4 +109,38 @@ def test_a_classification_run_report_reads_in_a_browser(tmp_path, browser):
     for index in range(images.count()):
         box = images.nth(index).bounding_box()
         assert box and box["width"] > 50 and box["height"] > 50
+    page.screenshot(path=str(run_dir / "report.png"), full_page=True)
+
+
+def test_a_segmentation_run_report_reads_in_a_browser(tmp_path, browser):
+    """A task: segmentation recipe file run here: the summary names the rule and the Dice,
+    the per-class table, the per-image Dice histogram, and image | truth | prediction of the
+    worst, median and best images, each at least 256 px wide, with a legend."""
+    folder = write_pairs(tmp_path / "pairs", 8, 3, 2, seed=4)
+    run_dir = run(tmp_path, "polyps", f"""\
+        task: segmentation
+        backbone: {{{{name: resnet18, weights: null}}}}
+        input: {{{{image_size: 32}}}}
+        data: {{{{source: {folder}, batch_size: 8}}}}
+        fine_tune: [{{{{trainable: all, epochs: 1, lr: 0.01}}}}]
+        segmentation: {{{{classes: [background, polyp], decoder_widths: [16, 16, 8, 8, 8]}}}}
+        export: {{{{enabled: false}}}}
+        output_dir: {{out}}
+        """)
+    page, problems = open_report(browser, run_dir / "report.html")
+    assert not problems, problems
+    summary = page.locator("#summary").inner_text()
+    assert "'polyp' where its probability >= 0.5" in summary and "Dice (per image)" in summary
+    assert "validation split" in summary
+    table = page.locator("table", has=page.locator("th", has_text="Dice (dataset)"))
+    assert table.is_visible() and "polyp" in table.inner_text()
+    assert visible(page, "img[alt^='Per-image Dice']")
+    examples = page.locator("#examples .example")
+    assert examples.count() == 3 and "worst" in examples.nth(0).inner_text() and "best" in examples.nth(2).inner_text()
+    for index in range(9):
+        box = page.locator("#examples img").nth(index).bounding_box()
+        assert box and min(box["width"], box["height"]) >= 256, "overlays large enough to read"
+    assert "polyp" in page.locator("#examples .legend").inner_text()
+    metrics = __import__("json").loads((run_dir / "metrics.json").read_text())
+    assert "both empty" in metrics["val_figures"]["empty_rule"] and 0 <= metrics["val_dice"] <= 1
     page.screenshot(path=str(run_dir / "report.png"), full_page=True)

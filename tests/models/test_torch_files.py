@@ -18,9 +18,16 @@ from restransfer.models.torch_files import UnsafeCheckpoint, read_torch_state_di
 from conftest import STANDIN_WEIGHTS, require_shared
 
 
+ITEMSIZE = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8}
+
+
 class _Storage:
-    def __init__(self, kind, key, values):
+    """A storage as torch.save writes it; ``numel`` and ``key`` may lie (hostile files)."""
+
+    def __init__(self, kind, key, values, numel=None, entry=None):
         self.kind, self.key, self.values = kind, key, values
+        self.numel = len(values) // ITEMSIZE[kind] if numel is None else numel
+        self.entry = key if entry is None else entry  # the zip entry actually written
 
 
 class _Tensor:
@@ -32,7 +39,7 @@ class _Tensor:
         return rebuild, (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
 
 
-def write_pth(path, tensors: dict, byteorder="little"):
+def write_pth(path, tensors: dict, byteorder="little", compress=False, pickled=None):
     """A torch.save-style zip: archive/data.pkl + archive/data/<key> + byteorder."""
     torch = types.ModuleType("torch")
     utils = types.ModuleType("torch._utils")
@@ -48,7 +55,7 @@ def write_pth(path, tensors: dict, byteorder="little"):
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
             if isinstance(obj, _Storage):
-                return ("storage", kinds[obj.kind], obj.key, "cpu", len(obj.values))
+                return ("storage", kinds[obj.kind], obj.key, "cpu", obj.numel)
             return None
 
     try:
@@ -61,11 +68,12 @@ def write_pth(path, tensors: dict, byteorder="little"):
             else:
                 sys.modules[key] = module
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data.pkl", pickled if pickled is not None else buffer.getvalue())
         archive.writestr("archive/byteorder", byteorder)
-        storages = {tensor.storage.key: tensor.storage.values for tensor in tensors.values()}
+        storages = {t.storage.entry: t.storage.values for t in tensors.values() if isinstance(t.storage, _Storage)}
         for key, values in storages.items():
-            archive.writestr(f"archive/data/{key}", values)
+            archive.writestr(f"archive/data/{key}", values,
+                             compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
     return path
 
 
@@ -115,3 +123,72 @@ def test_the_standin_reads_every_tensor():
     assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["conv1.weight"].dtype == np.float32
     assert state["bn1.num_batches_tracked"].dtype == np.int64
     assert len(state) == 122  # every entry of torchvision's resnet18 state dict
+
+
+FOUR_FLOATS = np.arange(4, dtype=np.float32).tobytes()
+
+
+def _floats(**storage):
+    return _Storage("FloatStorage", storage.pop("key", "0"), storage.pop("values", FOUR_FLOATS), **storage)
+
+
+# Each file describes its tensors in a way no torch.save writes; each must be refused, never
+# read memory outside a storage, never crash the process (the reader used to build
+# as_strided views from these numbers unchecked: the first read ~400 words of the heap, the
+# second died with a segmentation fault).
+HOSTILE = {
+    "size past the storage": dict(tensors={"w": _Tensor(_floats(), 0, (4096,), (1,))}),
+    "stride past the storage": dict(tensors={"w": _Tensor(_floats(), 0, (1 << 20,), (1 << 20,))}),
+    "offset past the storage": dict(tensors={"w": _Tensor(_floats(), 3, (2,), (1,))}),
+    "offset beyond the end": dict(tensors={"w": _Tensor(_floats(), 99, (), ())}),
+    "negative offset": dict(tensors={"w": _Tensor(_floats(), -2, (2,), (1,))}),
+    "negative stride": dict(tensors={"w": _Tensor(_floats(), 3, (4,), (-1,))}),
+    "negative size": dict(tensors={"w": _Tensor(_floats(), 0, (-4,), (1,))}),
+    "size and stride of different lengths": dict(tensors={"w": _Tensor(_floats(), 0, (2, 2), (1,))}),
+    "a float size": dict(tensors={"w": _Tensor(_floats(), 0, (2.5,), (1,))}),
+    "a string stride": dict(tensors={"w": _Tensor(_floats(), 0, (2,), ("1",))}),
+    "a boolean size": dict(tensors={"w": _Tensor(_floats(), 0, (True,), (1,))}),
+    "a list for a size": dict(tensors={"w": _Tensor(_floats(), 0, [4], (1,))}),
+    "more elements than the storage (stride 0)": dict(tensors={"w": _Tensor(_floats(), 0, (1 << 40,), (0,))}),
+    "too many dimensions": dict(tensors={"w": _Tensor(_floats(), 0, (1,) * 40, (1,) * 40)}),
+    "element count that lies": dict(tensors={"w": _Tensor(_floats(numel=1 << 30), 0, (4,), (1,))}),
+    "element count that is negative": dict(tensors={"w": _Tensor(_floats(numel=-1), 0, (1,), (1,))}),
+    "bytes not a whole number of elements": dict(tensors={"w": _Tensor(_floats(values=b"123456"), 0, (1,), (1,))}),
+    "a storage entry that is missing": dict(tensors={"w": _Tensor(_floats(entry="other"), 0, (4,), (1,))}),
+    "a storage key that climbs out": dict(tensors={"w": _Tensor(_floats(key="../secret"), 0, (4,), (1,))}),
+    "one key, two sizes": dict(tensors={"a": _Tensor(_floats(), 0, (4,), (1,)),
+                                        "b": _Tensor(_floats(numel=2, values=FOUR_FLOATS[:8]), 0, (2,), (1,))}),
+    "a compressed storage (a zip bomb's way)": dict(tensors={"w": _Tensor(_floats(), 0, (4,), (1,))}, compress=True),
+    "an unknown byte order": dict(tensors={"w": _Tensor(_floats(), 0, (4,), (1,))}, byteorder="middle"),
+    "a tensor built on a string": dict(tensors={"w": _Tensor("not a storage", 0, (4,), (1,))}),
+    "deeply nested lists, not a dict": dict(tensors={}, pickled=b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."),
+    "two data.pkl": dict(tensors={"w": _Tensor(_floats(entry="../x/data.pkl"), 0, (4,), (1,))}),
+    "a truncated pickle": dict(tensors={}, pickled=b"\x80\x02}q\x00(X\x01\x00\x00\x00a"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_a_hostile_checkpoint_is_refused_naming_the_problem(tmp_path, case):
+    path = write_pth(tmp_path / "hostile.pth", **HOSTILE[case])
+    with pytest.raises(UnsafeCheckpoint, match="hostile.pth: "):
+        read_torch_state_dict(path)
+
+
+def test_hostile_files_are_refused_in_a_process_that_survives(tmp_path):
+    """The segfault case, in a child process: it must end with the error, not a signal."""
+    import subprocess
+
+    path = write_pth(tmp_path / "crash.pth", **HOSTILE["stride past the storage"])
+    code = ("import sys; from restransfer.models.torch_files import read_torch_state_dict, UnsafeCheckpoint\n"
+            f"try: read_torch_state_dict({str(path)!r})\nexcept UnsafeCheckpoint: sys.exit(3)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 3
+
+
+def test_a_real_view_at_the_storages_very_end_is_read(tmp_path):
+    floats = _floats()
+    path = write_pth(tmp_path / "edge.pth", {"last": _Tensor(floats, 3, (1,), (1,)),
+                                             "scalar": _Tensor(floats, 2, (), ()),
+                                             "empty": _Tensor(floats, 4, (0, 3), (3, 1))})
+    state = read_torch_state_dict(path)
+    np.testing.assert_array_equal(state["last"], [3.0])
+    assert state["scalar"] == 2.0 and state["empty"].shape == (0, 3)

@@ -34,6 +34,12 @@ def encode(array, fmt, **kwargs):
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="module")
+def exported(recipe, tmp_path_factory):
+    """One export (top_k 2) for the tests that only read it."""
+    return recipe.export(tmp_path_factory.mktemp("exported"), top_k=2)
+
+
 def test_layout_versions_and_no_overwrite(recipe, tmp_path):
     first = recipe.export(tmp_path, model_name="pets", top_k=2)
     assert first == tmp_path / "pets" / "1"
@@ -59,8 +65,8 @@ def test_interrupted_export_leaves_no_version(recipe, tmp_path, monkeypatch):
     assert list((tmp_path / "pets").iterdir()) == []
 
 
-def test_signatures_match_the_keras_model(recipe, tmp_path):
-    export_dir = recipe.export(tmp_path, top_k=2)
+def test_signatures_match_the_keras_model(recipe, exported):
+    export_dir = exported
     loaded = tf.saved_model.load(str(export_dir))
     rng = np.random.default_rng(1)
     photos = [rng.integers(0, 255, (50, 70, 3), dtype=np.uint8),
@@ -81,8 +87,8 @@ def test_signatures_match_the_keras_model(recipe, tmp_path):
     np.testing.assert_allclose(raw["probabilities"].numpy(), recipe.predict(photos[1][None]), atol=1e-5)
 
 
-def test_rest_body_decoded_the_way_serving_does(recipe, tmp_path):
-    export_dir = recipe.export(tmp_path)
+def test_rest_body_decoded_the_way_serving_does(recipe, exported):
+    export_dir = exported
     image = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     body = json.dumps({"signature_name": "serving_default",
                        "instances": [{"b64": base64.b64encode(encode(image, "PNG")).decode()}]})
@@ -93,8 +99,8 @@ def test_rest_body_decoded_the_way_serving_does(recipe, tmp_path):
     np.testing.assert_allclose(out["probabilities"].numpy(), recipe.predict(image[None]), atol=1e-5)
 
 
-def test_saved_model_cli_shows_what_serving_sees(recipe, tmp_path):
-    export_dir = recipe.export(tmp_path)
+def test_saved_model_cli_shows_what_serving_sees(exported):
+    export_dir = exported
     cli = Path(sys.executable).with_name("saved_model_cli")
     shown = subprocess.run([str(cli), "show", "--dir", str(export_dir), "--all"],
                            capture_output=True, text=True, check=True).stdout
@@ -119,8 +125,8 @@ def test_warmup_requests_are_prediction_logs(recipe, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded))), images[0])
 
 
-def test_non_image_bytes_fail_that_request_only(recipe, tmp_path):
-    signature = tf.saved_model.load(str(recipe.export(tmp_path))).signatures["serving_default"]
+def test_non_image_bytes_fail_that_request_only(exported):
+    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         signature(image_bytes=tf.constant([b"not an image"]))
     good = encode(np.zeros((8, 8, 3), np.uint8), "PNG")

@@ -4,8 +4,6 @@ pixels): the training pipeline, ``recipe.predict(path)``, a reloaded recipe, the
 ``predict_images(decoded)`` give the same probabilities for every kind of file users send."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from PIL import Image, ImageOps
 import restransfer as rt
 from restransfer import data
 
-from conftest import REPO
 
 TOLERANCE = 1e-5
 
@@ -136,13 +133,39 @@ def test_the_model_card_states_the_contract(exported):
         assert phrase in text, phrase
 
 
-def test_cli_predict_is_the_same_door(exported, corpus):
+def test_cli_predict_is_the_same_door(exported, corpus, capsys):
+    from restransfer import cli
+
     recipe, model_path, _, _ = exported
     files = [str(corpus[name]) for name in ("exif6.jpg", "rgba.png", "image.tiff")]
-    result = subprocess.run([sys.executable, "-m", "restransfer", "predict", str(model_path), *files,
-                             "--json", "--top-k", "3"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-1500:]
-    for item, path in zip(json.loads(result.stdout)["results"], files):
+    assert cli.main(["predict", str(model_path), *files, "--json", "--top-k", "3"]) == 0
+    for item, path in zip(json.loads(capsys.readouterr().out)["results"], files):
         expected = recipe.predict([path])[0]
         np.testing.assert_allclose([item["probabilities"][name] for name in recipe.class_names], expected,
                                    atol=TOLERANCE)
+
+
+def test_a_16_bit_medical_model_decodes_the_same_levels_in_every_door(tmp_path):
+    """16-bit PNGs holding 12 bits (0..4095): predict(path), a reloaded recipe and the SavedModel
+    (decoding in its graph, normalising by the same percentiles) agree; the pixels are full
+    precision, not 17 grey levels."""
+    y, x = np.mgrid[0:40, 0:48]
+    files = []
+    for i in range(3):
+        scan = ((x * 60 + y * 31 + i * 700) % 4096).astype(np.uint16)
+        files.append(_save(tmp_path / f"scan{i}.png", Image.fromarray(scan), "PNG"))
+    recipe = rt.MedicalImagingRecipe(backbone="resnet18", weights=None, image_size=32, channels=1,
+                                     class_names=["normal", "lesion"], positive_class="lesion", seed=1)
+    recipe.keep_precision = True  # what "auto" resolves to for these files (tests/data: test_16_bit...)
+    recipe.build()
+    pixels = data.load_image(files[0], 1, True, **recipe.decode_options)
+    assert len(np.unique(pixels)) > 1000 and pixels.max() == pytest.approx(255.0, abs=0.5)
+    export_dir = recipe.export(tmp_path / "export", warmup_images=files)  # refused unless bytes agree
+    card = json.loads((export_dir / "assets.extra" / "model_card.json").read_text())
+    assert "16-bit PNGs' intensities mapped to 0-255 by their percentile range" in card["input"]["serving_default"]
+    served = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    by_bytes = served(image_bytes=tf.constant([p.read_bytes() for p in files]))["probabilities"].numpy()
+    np.testing.assert_allclose(by_bytes, recipe.predict(files), atol=TOLERANCE)
+    reloaded = rt.MedicalImagingRecipe.load(recipe.save(tmp_path / "m.keras"))
+    assert reloaded.keep_precision is True
+    np.testing.assert_allclose(reloaded.predict(files), by_bytes, atol=TOLERANCE)

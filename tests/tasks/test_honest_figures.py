@@ -96,10 +96,11 @@ def test_cross_validation_never_early_stops_on_the_held_out_fold(tmp_path, monke
 
     monkeypatch.setattr(rt.ClassificationRecipe, "fit", fit)
     config, _ = load_recipe(recipe_file)
-    everything = runs.load_splits(config).train
+    splits = runs.load_splits(config)
+    everything = splits.train
     (tmp_path / "runs" / "cv").mkdir(parents=True)
     with pytest.raises(Stop):
-        runs._cross_validate(config, everything, tmp_path / "runs" / "cv", verbose=0)
+        runs._cross_validate(config, splits, tmp_path / "runs" / "cv", verbose=0)
     train, validation = seen[0]
     _, held_out = next(data.kfold(everything, 2, config.seed))
     assert validation is not None and len(validation) > 0
@@ -112,7 +113,7 @@ def test_split_roles_name_what_was_tuned_where(tmp_path):
     recipe_file.write_text("backbone: {name: resnet18, weights: null}\ndata: {source: 'sklearn:digits'}\n"
                            "task: medical\nmedical: {positive_class: '1'}\n")
     config, _ = load_recipe(recipe_file)
-    roles = runs.split_roles(config, tuned_val=True, test=True)
+    roles = runs.split_roles(runs.recipe_from_config(config), tuned_val=True, test=True)
     assert "optimistic" in roles["val_*"] and "threshold" in roles["val_*"] and "early stopping" in roles["val_*"]
     assert roles["test_*"] == "test split: nothing was tuned on it"
 

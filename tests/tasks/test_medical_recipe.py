@@ -1,4 +1,5 @@
-"""MedicalImagingRecipe: imbalance, thresholds chosen on validation, TTA, patients, Grad-CAM."""
+"""MedicalImagingRecipe: imbalance (class weights, focal loss), thresholds chosen on validation,
+TTA, patients, Grad-CAM."""
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def lesions(count, seed, positives=0.3):
 @pytest.fixture(scope="module")
 def trained():
     recipe = rt.MedicalImagingRecipe(
-        backbone="resnet18", weights=None, image_size=48, channels=1, stem="sum", batch_size=16,
+        backbone="resnet18", weights=None, image_size=48, channels=1, stem="sum", batch_size=16, focal_gamma=2.0,
         early_stopping_patience=None, val_fraction=0, tta=True, temperature_scaling=True, positive_class="lesion",
         phases=[Phase("all", epochs=5, lr=2e-3, schedule="one_cycle")])
     train = lesions(120, 0)
@@ -33,9 +34,10 @@ def trained():
     return recipe, train
 
 
-def test_class_weights_come_from_the_training_split(trained):
+def test_class_weights_come_from_the_training_split_and_the_focal_loss_trains(trained):
     recipe, train = trained
-    weights = recipe._fit_options(train)["class_weight"]
+    assert "focal" in recipe.model.loss.name and np.isfinite(recipe.history.history["loss"]).all()
+    weights = recipe.objective(train).class_weight
     counts = np.bincount(train.labels)
     assert weights[1] > 1 > weights[0]
     assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])  # balanced
@@ -74,14 +76,6 @@ def test_grad_cam_overlays_are_written(trained, tmp_path):
     recipe, _ = trained
     written = recipe.grad_cam_overlays(lesions(4, 4), tmp_path, count=3)
     assert len(written) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
-
-
-def test_focal_loss_trains():
-    recipe = rt.MedicalImagingRecipe(backbone="resnet18", weights=None, image_size=48, channels=1,
-                                     focal_gamma=2.0, batch_size=16, val_fraction=0, positive_class="lesion",
-                                     phases=[Phase("all", epochs=1, lr=1e-3)])
-    history = recipe.fit(lesions(32, 5), verbose=0)
-    assert "focal" in recipe.model.loss.name and np.isfinite(history.history["loss"]).all()
 
 
 def test_multi_label_findings_get_per_label_figures():

@@ -1,0 +1,185 @@
+"""Segmentation benchmark (issue 29): restransfer's default against training from scratch and a
+frozen encoder, on Kvasir-SEG, with the stand-in ResNet-18.
+
+    .venv/bin/python bench/segmentation.py                  # the runs (resumable), then the table
+    .venv/bin/python bench/segmentation.py --report-only    # the table from runs.jsonl
+    .venv/bin/python bench/segmentation.py --size 256 --seeds 0   # the 256 px row
+
+Data: ../shared/data/kvasir_seg, the dataset authors' split (train 880, val 120), 128 px.
+Backbone: ResNet-18 with ../shared/weights/resnet18_standin.pth (Tiny-ImageNet; NOT ImageNet).
+Every plan gets the same 12 epochs, batch 16, the ``segmentation`` augmentation preset, the
+default loss (cross-entropy + soft Dice), threshold 0.5, no early stopping and no validation
+during training: each run is scored once at the end, on val's 120 images at their own sizes
+(``recipe.evaluate``): per-image Dice (mean over images) and dataset Dice (pixels pooled).
+
+Plans: ``default`` (``two_phase``: the decoder 3 epochs with the encoder frozen -- its
+BatchNorm adapting --, then everything 9 epochs with discriminative rates), ``from scratch``
+(the same plan, random encoder), ``frozen encoder`` (the decoder only, 12 epochs). Seeds 0-2.
+Each run is a subprocess (its own peak memory); two run at a time, one thread each (much of
+a run's start is single-threaded tracing). Margins: the mean per-image Dice difference over
+seeds, its SE combining the seed term (sd of per-seed differences / sqrt(seeds)) and the
+image term (sd over images of the seed-averaged per-image difference / sqrt(images)).
+
+Inference: images/s through the exported SavedModel's ``serving_default`` from JPEG bytes
+(batches of 16 val files), measured after the default's seed-0 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "kvasir_seg"
+WEIGHTS = SHARED / "weights" / "resnet18_standin.pth"
+OUT = REPO / "bench" / "segmentation"
+PLANS = ("default", "from scratch", "frozen encoder")
+EPOCHS = 12
+
+
+def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path) -> dict:
+    """One training run in this process; returns its figures."""
+    import resource
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import restransfer as rt
+    from restransfer.tasks.segmentation import SegmentationRecipe
+
+    phases = rt.preset("head_only" if plan == "frozen encoder" else "two_phase", epochs=EPOCHS)
+    if plan == "frozen encoder":  # as the default's decoder phase: the frozen encoder's BatchNorm adapts
+        phases = [p.model_copy(update={"train_bn": True}) for p in phases]
+    recipe = SegmentationRecipe(backbone="resnet18", weights=None if plan == "from scratch" else str(WEIGHTS),
+                                image_size=size, batch_size=16, class_names=["background", "polyp"],
+                                augmentation="segmentation", phases=phases, early_stopping_patience=None,
+                                cache_features=False, val_fraction=0, seed=seed)
+    splits = recipe.splits(str(DATA), val_fraction=0)
+    started = time.perf_counter()
+    recipe.fit(splits.train, validation_data=None, verbose=2)
+    seconds = time.perf_counter() - started
+    figures = recipe.evaluate(splits.val, bootstrap=0)
+    result = {"plan": plan, "seed": seed, "size": size, "seconds": round(seconds, 1),
+              "train_images_per_s": round(EPOCHS * len(splits.train) / seconds, 1),
+              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+              "dice": figures["dice"], "dataset_dice": figures["dataset_dice"], "iou": figures["iou"],
+              "per_image_dice": figures["per_image_dice"], "threads": threads}
+    if plan == "default" and seed == 0:
+        result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
+    return result
+
+
+def serving_throughput(recipe, val, export_root: Path) -> dict:
+    import shutil
+
+    import tensorflow as tf
+
+    shutil.rmtree(export_root, ignore_errors=True)
+    export_dir = recipe.export(export_root, warmup_images=val.paths[:4])
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    encoded = [Path(p).read_bytes() for p in val.paths]
+    serve(image_bytes=tf.constant(encoded[:16]))  # warm
+    started = time.perf_counter()
+    for start in range(0, len(encoded), 16):
+        serve(image_bytes=tf.constant(encoded[start:start + 16]))
+    return {"serving_images_per_s": round(len(encoded) / (time.perf_counter() - started), 1)}
+
+
+def _runs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _margin(runs: list[dict], plan: str, other: str, size: int):
+    seeds = sorted({r["seed"] for r in runs if r["plan"] == plan and r["size"] == size}
+                   & {r["seed"] for r in runs if r["plan"] == other and r["size"] == size})
+    if not seeds:
+        return None
+    by = {(r["plan"], r["seed"]): r for r in runs if r["size"] == size}
+    per_seed = [by[plan, s]["dice"] - by[other, s]["dice"] for s in seeds]
+    images = len(by[plan, seeds[0]]["per_image_dice"])
+    per_image = [statistics.mean((by[plan, s]["per_image_dice"][i] or 0.0) - (by[other, s]["per_image_dice"][i] or 0.0)
+                                 for s in seeds) for i in range(images)]
+    seed_term = statistics.stdev(per_seed) / math.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
+    image_term = statistics.stdev(per_image) / math.sqrt(images)
+    return statistics.mean(per_seed), math.hypot(seed_term, image_term), len(seeds)
+
+
+def report(runs: list[dict], size: int) -> str:
+    lines = [f"**{size} px, val (120 images), 12 epochs; mean ± sd over seeds**", "",
+             "| plan | seeds | per-image Dice (val) | dataset Dice (val) | IoU | s / run | train img/s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for plan in PLANS:
+        mine = [r for r in runs if r["plan"] == plan and r["size"] == size]
+        if not mine:
+            continue
+        sd = lambda key: statistics.stdev([r[key] for r in mine]) if len(mine) > 1 else 0.0
+        mean = lambda key: statistics.mean(r[key] for r in mine)
+        lines.append(f"| {plan} | {len(mine)} | {mean('dice'):.3f} ± {sd('dice'):.3f} | "
+                     f"{mean('dataset_dice'):.3f} ± {sd('dataset_dice'):.3f} | {mean('iou'):.3f} | "
+                     f"{mean('seconds'):.0f} | {mean('train_images_per_s'):.1f} | {max(r['peak_rss_gb'] for r in mine):.2f} |")
+    lines.append("")
+    for other in PLANS[1:]:
+        margin = _margin(runs, "default", other, size)
+        if margin:
+            difference, se, seeds = margin
+            lines.append(f"- default − {other}: {difference:+.3f} per-image Dice, SE {se:.3f} "
+                         f"({difference / se:.1f} SE, {seeds} seeds)")
+    serving = [r["serving_images_per_s"] for r in runs if r["size"] == size and "serving_images_per_s" in r]
+    if serving:
+        lines.append(f"- exported SavedModel, serving_default from JPEG bytes (batches of 16): {serving[0]} images/s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--plans", nargs="+", default=list(PLANS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("PLAN", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "runs.jsonl"
+    if args.one:
+        result = run_one(args.one[0], int(args.one[1]), args.size, args.threads, OUT)
+        print("RESULT " + json.dumps(result))
+        return 0
+    if not args.report_only:
+        done = {(r["plan"], r["seed"], r["size"]) for r in _runs(log)}
+        todo = [(plan, seed) for seed in args.seeds for plan in args.plans if (plan, seed, args.size) not in done]
+
+        def launch(job):
+            plan, seed = job
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            process = subprocess.run([sys.executable, __file__, "--one", plan, str(seed), "--size", str(args.size),
+                                      "--threads", str(args.threads)], capture_output=True, text=True, env=env)
+            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+            if process.returncode or not lines:
+                print(f"{plan} seed {seed} failed:\n{process.stderr[-3000:]}", file=sys.stderr)
+                return None
+            result = json.loads(lines[-1][7:])
+            with open(log, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+            print(f"{plan} seed {seed}: Dice {result['dice']:.3f} ({result['seconds']:.0f} s)", flush=True)
+            return result
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(launch, todo))
+    print(report(_runs(log), args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

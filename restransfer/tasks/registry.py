@@ -1,0 +1,36 @@
+"""The tasks a recipe file can name, as plain data (no TensorFlow): which recipe class runs
+each, which section of the recipe file holds its own options, and the defaults that are the
+task's to choose. The recipe classes and the recipe-file schema both read their defaults
+here, so each is decided once."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    recipe: str                 # "module:Class" of the recipe that runs it
+    augmentation: str           # the default augmentation preset
+    section: str | None = None  # the recipe file's section of options only this task reads
+    fixed: tuple = ()           # (argument, value) pairs the task name implies
+
+    def recipe_class(self):
+        module, _, name = self.recipe.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("classification", "restransfer.tasks.classification:ClassificationRecipe", "light"),
+    TaskSpec("multilabel", "restransfer.tasks.classification:ClassificationRecipe", "light",
+             fixed=(("multi_label", True),)),
+    TaskSpec("medical", "restransfer.tasks.medical:MedicalImagingRecipe", "medical", section="medical"),
+    TaskSpec("segmentation", "restransfer.tasks.segmentation:SegmentationRecipe", "segmentation",
+             section="segmentation"),
+)}
+
+
+def default_augmentation(task: str) -> str:
+    return TASKS[task].augmentation
