@@ -101,7 +101,7 @@ def main():
         decided = np.concatenate([call(pixels[i:i + 16])["predictions"].numpy() for i in range(0, len(pixels), 16)])
         size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file() and "assets.extra" not in str(f))
         print(f"| {net} | SavedModel | {size / 2**20:.1f} | {latency:.1f} | {throughput:.1f} | "
-              f"{np.mean(decided == val.labels) if trained else float('nan'):.3f} | {np.mean(decided == keras_decided):.3f} |",
+              f"{format(np.mean(decided == val.labels), '.3f') if trained else '– (random weights)'} | {np.mean(decided == keras_decided):.3f} |",
               flush=True)
         for fmt, quantization in (("litert", None), ("litert", "float16"), ("litert", "int8"), ("onnx", None)):
             directory = recipe.export(out / net / f"{fmt}_{quantization}", format=fmt, quantization=quantization,
@@ -117,7 +117,7 @@ def main():
             decided = np.concatenate([call(pixels[i:i + 16])["predictions"] for i in range(0, len(pixels), 16)])
             label = f"{'LiteRT' if fmt == 'litert' else 'ONNX'} {quantization or 'float32'}"
             print(f"| {net} | {label} | {len(blob) / 2**20:.1f} | {latency:.1f} | {throughput:.1f} | "
-                  f"{np.mean(decided == val.labels) if trained else float('nan'):.3f} | "
+                  f"{format(np.mean(decided == val.labels), '.3f') if trained else '– (random weights)'} | "
                   f"{np.mean(decided == keras_decided):.3f} |", flush=True)
 
 
