@@ -174,7 +174,9 @@ def cmd_train(args) -> int:
         raise RecipeError([f"{args.recipe}: {p}" for p in problems])
     _quiet_tensorflow()
     from restransfer.cli import runs
+    from restransfer.training.interrupts import latch_ctrl_c
 
+    latch_ctrl_c()
     try:
         run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
                              verbose="lines" if args.quiet_progress else args.progress)

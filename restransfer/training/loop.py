@@ -12,6 +12,7 @@ import numpy as np
 
 from restransfer.models import stages as stages_lib
 from restransfer.training.checkpoints import Checkpointer
+from restransfer.training.interrupts import RaisePendingInterrupt
 from restransfer.training.losses import apply_mixup
 from restransfer.training.objectives import Objective
 from restransfer.training.optimizers import ema_weights, make_optimizer
@@ -260,7 +261,7 @@ def run_phases(
                     # phase's optimizer state, so a resumed cached phase continues exactly.
                     objective.compile(model, optimizer, phase)
         guard = StopOnNonFiniteLoss()
-        phase_callbacks = list(callbacks or []) + [guard]
+        phase_callbacks = list(callbacks or []) + [guard, RaisePendingInterrupt()]
         if strategy is not None and not multi_worker:
             phase_callbacks.append(distribute.AverageBatchNormStatistics(model, strategy))
         if phase.ema and val_ds is not None:

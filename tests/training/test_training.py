@@ -446,3 +446,39 @@ def test_a_memory_mapped_feature_cache_is_read_batch_by_batch(tmp_path):
     features, labels = batches[0]
     np.testing.assert_array_equal(features.numpy()[:, 0], order)  # the epoch's order, as in memory
     np.testing.assert_array_equal(labels.numpy(), order % 2)
+
+
+def test_a_ctrl_c_lost_where_errors_are_swallowed_still_stops_training(tiny_folder):
+    """SIGINT raises KeyboardInterrupt wherever Python is; raised inside code that swallows it
+    (a finalizer, say), it would be lost and the run would go on. The CLI latches it and the
+    phase loop raises it again at the next batch end."""
+    import os
+    import signal
+
+    from restransfer.training import interrupts
+
+    class CtrlCSwallowed(keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            type(self).batches += 1
+            if type(self).batches == 1:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(100):  # the handler runs between bytecodes
+                        pass
+                except KeyboardInterrupt:
+                    pass  # lost, as in a finalizer
+
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.latch_ctrl_c()
+    try:
+        recipe = rt.ClassificationRecipe(backbone="resnet18", weights=None, image_size=32, batch_size=4,
+                                         augmentation="none", phases=[Phase("all", epochs=2)],
+                                         early_stopping_patience=None)
+        with pytest.raises(KeyboardInterrupt):
+            recipe.fit(tiny_folder / "train", validation_data=None, callbacks=[CtrlCSwallowed()], verbose=0)
+        assert CtrlCSwallowed.batches <= 2, "training went on after the Ctrl-C"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.clear()
