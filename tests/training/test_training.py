@@ -327,9 +327,9 @@ def test_ema_weights_are_validated_kept_and_saved(tiny_folder, tmp_path, precisi
             logged.append((logs["val_accuracy"], logs["val_loss"]))
 
     recipe = rt.ClassificationRecipe(
-        backbone="resnet18", weights=None, image_size=32, batch_size=8, augmentation="none",
+        backbone="resnet18", weights=None, image_size=32, batch_size=12, augmentation="none",
         early_stopping_patience=2, deterministic=True, precision=precision,
-        phases=[Phase("all", epochs=4, lr=3e-3, ema=True, schedule="constant")])
+        phases=[Phase("all", epochs=3, lr=3e-3, ema=True, schedule="constant")])
     recipe.fit(tiny_folder, callbacks=[Record()], verbose=0)
     assert (type(recipe.model.optimizer).__name__ == "LossScaleOptimizer") == (precision == "mixed_float16")
     accuracies = [a for a, _ in logged]
