@@ -176,10 +176,10 @@ def cmd_train(args) -> int:
     from restransfer.cli import runs
     from restransfer.training.interrupts import latch_ctrl_c
 
-    latch_ctrl_c()
     try:
-        run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
-                             verbose="lines" if args.quiet_progress else args.progress)
+        with latch_ctrl_c():
+            run_dir = runs.train(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume,
+                                 verbose="lines" if args.quiet_progress else args.progress)
     except KeyboardInterrupt:  # Ctrl-C: one line, what was saved and how to go on
         again = " ".join(["restransfer train", args.recipe, *(f"--set {s}" for s in args.set), "--resume"])
         saved = sorted(runs.run_directory(config).glob("**/checkpoints/last.keras"))

@@ -6,6 +6,7 @@ phase loop raises it again at the next batch end."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import keras
@@ -13,15 +14,22 @@ import keras
 _pressed = False
 
 
-def latch_ctrl_c() -> None:
-    """SIGINT raises KeyboardInterrupt as usual and is remembered for :class:`RaisePendingInterrupt`."""
+@contextlib.contextmanager
+def latch_ctrl_c():
+    """Within: SIGINT raises KeyboardInterrupt as usual and is remembered for
+    :class:`RaisePendingInterrupt`. The previous handler comes back on exit."""
 
     def handler(signum, frame):
         global _pressed
         _pressed = True
         signal.default_int_handler(signum, frame)
 
-    signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        clear()
 
 
 def clear() -> None:

@@ -471,14 +471,10 @@ def test_a_ctrl_c_lost_where_errors_are_swallowed_still_stops_training(tiny_fold
                     pass  # lost, as in a finalizer
 
     previous = signal.getsignal(signal.SIGINT)
-    interrupts.latch_ctrl_c()
-    try:
-        recipe = rt.ClassificationRecipe(backbone="resnet18", weights=None, image_size=32, batch_size=4,
-                                         augmentation="none", phases=[Phase("all", epochs=2)],
-                                         early_stopping_patience=None)
-        with pytest.raises(KeyboardInterrupt):
-            recipe.fit(tiny_folder / "train", validation_data=None, callbacks=[CtrlCSwallowed()], verbose=0)
-        assert CtrlCSwallowed.batches <= 2, "training went on after the Ctrl-C"
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        interrupts.clear()
+    recipe = rt.ClassificationRecipe(backbone="resnet18", weights=None, image_size=32, batch_size=4,
+                                     augmentation="none", phases=[Phase("all", epochs=2)],
+                                     early_stopping_patience=None)
+    with interrupts.latch_ctrl_c(), pytest.raises(KeyboardInterrupt):
+        recipe.fit(tiny_folder / "train", validation_data=None, callbacks=[CtrlCSwallowed()], verbose=0)
+    assert CtrlCSwallowed.batches <= 2, "training went on after the Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) is previous
