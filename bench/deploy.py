@@ -75,7 +75,7 @@ def main():
     import restransfer as rt
     from restransfer.serving import portable
 
-    print(f"| net | format | file MB | latency ms (1 image) | images/s (batch 16) | val accuracy | agreement with Keras |")
+    print("| net | format | file MB | latency ms (1 image) | images/s (batch 16) | val accuracy | agreement with Keras |")
     print("|---|---|---|---|---|---|---|")
     out = Path(tempfile.mkdtemp(prefix="restransfer-deploy-"))
     for net in args.nets:
