@@ -24,7 +24,7 @@ import numpy as np
 
 from restransfer.data.decoding import IMAGE_EXTENSIONS, first_line, inspect_image
 from restransfer.data.sources import ImageData, apply_policy, resolve_keep_precision
-from restransfer.data.splits import SPLIT_DIR_NAMES, find_split_dir
+from restransfer.data.splits import find_split_dir, split_folder
 
 log = logging.getLogger("restransfer.data")
 
@@ -197,14 +197,7 @@ def segmentation_folder(path, split: str | None = None, class_names=None, policy
     and ``path/<split>/masks`` for ``split`` in train/val/test: the layout of Kvasir-SEG).
     An image without a mask and a mask without an image are skipped, each named, or refused
     with ``policy="strict"``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if split is not None:
-        part = find_split_dir(root, split)
-        if part is None:
-            raise FileNotFoundError(f"{root} has no {split!r} sub-folder ({'/'.join(SPLIT_DIR_NAMES[split])})")
-        root = part
+    root = split_folder(path, split)
     image_dir, mask_dir = _subdir(root, IMAGE_DIRS), _subdir(root, MASK_DIRS)
     if image_dir is None or mask_dir is None:
         raise ValueError(f"{root} needs images/ and masks/ sub-folders (images/<id>.jpg + masks/<id>.png) "

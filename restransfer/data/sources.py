@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from restransfer.data.decoding import IMAGE_EXTENSIONS, first_line, load_image
-from restransfer.data.splits import SPLIT_DIR_NAMES, find_split_dir
+from restransfer.data.splits import find_split_dir, split_folder
 
 log = logging.getLogger("restransfer.data")
 
@@ -274,14 +274,7 @@ def image_folder(
         keep_precision: decode 16-bit files at full precision (float32 on the 0-255 scale);
             ``"auto"``: when any file stores more than 8 bits (16-bit PNG/TIFF, DICOM, NIfTI).
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if split is not None:
-        split_dir = find_split_dir(root, split)
-        if split_dir is None:
-            raise FileNotFoundError(f"{root} has no {split!r} sub-folder ({'/'.join(SPLIT_DIR_NAMES[split])})")
-        root = split_dir
+    root = split_folder(path, split)
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")

@@ -32,6 +32,20 @@ def find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
+def split_folder(path, split: str | None = None) -> Path:
+    """The folder a reader reads: ``path`` itself, or its ``split`` sub-folder (train/val/test
+    under any of their usual names); a missing one is an error naming what was looked for."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if split is None:
+        return root
+    part = find_split_dir(root, split)
+    if part is None:
+        raise FileNotFoundError(f"{root} has no {split!r} sub-folder ({'/'.join(SPLIT_DIR_NAMES[split])})")
+    return part
+
+
 def _strata(data: ImageData) -> np.ndarray:
     # Multi-label rows are stratified by their first positive label (-1 for none): a
     # simple, stable approximation of label balance.
