@@ -221,20 +221,10 @@ def from_mask_csv(table, image_column: str = "image", mask_column: str = "mask",
                   allow_outside_root: bool = False, progress: bool = True) -> ImageData:
     """Pairs listed in a CSV (or DataFrame): an image and a mask column, paths relative to the
     CSV's folder (never escaping it unless ``allow_outside_root``), optional groups."""
-    import pandas as pd
+    from restransfer.data.sources import _resolve_under, read_table
 
-    from restransfer.data.sources import _resolve_under
-
-    if isinstance(table, pd.DataFrame):
-        frame, where = table, "DataFrame"
-        root = Path(root) if root is not None else Path.cwd()
-    else:
-        frame, where = pd.read_csv(table), str(table)
-        root = Path(root) if root is not None else Path(table).resolve().parent
     needed = [image_column, mask_column] + ([group_column] if group_column else [])
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    frame, where, root = read_table(table, root, needed)
     pairs = [(_resolve_under(root, str(image), allow_outside_root, f"{where} row {i + 2}"),
               _resolve_under(root, str(mask), allow_outside_root, f"{where} row {i + 2}"))
              for i, (image, mask) in enumerate(zip(frame[image_column], frame[mask_column]))]

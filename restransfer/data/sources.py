@@ -357,6 +357,24 @@ def from_arrays(
     )
 
 
+def read_table(table, root, needed: list[str]):
+    """(frame, its name for messages, the root its paths are relative to) of a CSV file or a
+    DataFrame, refused when a ``needed`` column is missing. The root defaults to the CSV's
+    folder (the working directory for a DataFrame)."""
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        frame, where = table, "DataFrame"
+        root = Path(root) if root is not None else Path.cwd()
+    else:
+        frame, where = pd.read_csv(table), str(table)
+        root = Path(root) if root is not None else Path(table).resolve().parent
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    return frame, where, root
+
+
 def _resolve_under(root: Path, relative: str, allow_outside_root: bool, where: str) -> str:
     path = (root / relative).resolve()
     if not allow_outside_root and not path.is_relative_to(root.resolve()):
@@ -389,18 +407,8 @@ def from_csv(
     escape it unless ``allow_outside_root``. ``group_column`` (e.g. a patient id) is kept
     for grouped splits.
     """
-    import pandas as pd
-
-    if isinstance(table, pd.DataFrame):
-        frame, where = table, "DataFrame"
-        root = Path(root) if root is not None else Path.cwd()
-    else:
-        frame, where = pd.read_csv(table), str(table)
-        root = Path(root) if root is not None else Path(table).resolve().parent
     needed = [path_column] + (label_columns or [label_column]) + ([group_column] if group_column else [])
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    frame, where, root = read_table(table, root, needed)
     paths = [_resolve_under(root, str(p), allow_outside_root, f"{where} row {i + 2}")
              for i, p in enumerate(frame[path_column])]
     multi_label = bool(label_columns) or separator is not None
