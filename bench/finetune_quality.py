@@ -151,14 +151,14 @@ def _replicates(dataset: str, seeds: int, folds: int):
     return list(replicates(dataset, seeds, folds))
 
 
-def run_task(task, seeds: int, folds: int, size: int) -> dict:
+def run_task(task, seeds: int, folds: int, size: int, precision: str = "float32") -> dict:
     dataset, index, name, epochs = task
     replicate, seed, train, held_out = _replicates(dataset, seeds, folds)[index]
     return dict(dataset=dataset, plan=name, epochs=epochs, replicate=replicate, seed=seed, size=size,
-                **run_once(name, epochs, seed, train, held_out, size))
+                **run_once(name, epochs, seed, train, held_out, size, precision))
 
 
-def run_once(name: str, epochs: int, seed: int, train, held_out, size: int) -> dict:
+def run_once(name: str, epochs: int, seed: int, train, held_out, size: int, precision: str = "float32") -> dict:
     import keras
     from sklearn.metrics import roc_auc_score
 
@@ -169,7 +169,7 @@ def run_once(name: str, epochs: int, seed: int, train, held_out, size: int) -> d
     keras.backend.clear_session()
     recipe = rt.ClassificationRecipe(
         backbone="resnet18", class_names=train.class_names, image_size=size, batch_size=32,
-        early_stopping_patience=None, val_fraction=0, seed=seed, precision="float32", **plan(name, epochs))
+        early_stopping_patience=None, val_fraction=0, seed=seed, precision=precision, **plan(name, epochs))
     started = time.perf_counter()
     recipe.fit(train, verbose=0)
     probabilities = recipe.predict_dataset(held_out)
@@ -177,6 +177,7 @@ def run_once(name: str, epochs: int, seed: int, train, held_out, size: int) -> d
     correct = (probabilities.argmax(axis=1) == held_out.labels)
     auc = float(roc_auc_score(held_out.labels, probabilities[:, 1])) if held_out.num_classes == 2 else None
     return dict(accuracy=float(correct.mean()), auc=auc, seconds=seconds, onednn=_pywrap_util_port.IsMklEnabled(),
+                precision=keras.mixed_precision.global_policy().name,
                 correct=correct.astype(int).tolist(), paths=[Path(p).name for p in held_out.paths])
 
 
@@ -357,6 +358,8 @@ def main():
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (processes)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per worker")
+    parser.add_argument("--precision", default="float32", help="the recipes' precision (runs.jsonl before "
+                        "this option: float32); give each precision its own --out")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not WEIGHTS.exists():
@@ -378,7 +381,7 @@ def main():
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_worker_start,
                                  initargs=(args.threads,)) as pool:
-            futures = [pool.submit(run_task, task, args.seeds, args.folds, args.size) for task in tasks]
+            futures = [pool.submit(run_task, task, args.seeds, args.folds, args.size, args.precision) for task in tasks]
             for future in as_completed(futures):
                 run = future.result()
                 runs.append(run)

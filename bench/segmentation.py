@@ -46,7 +46,7 @@ PLANS = ("default", "from scratch", "frozen encoder")
 EPOCHS = 12
 
 
-def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path) -> dict:
+def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precision: str = "float32") -> dict:
     """One training run in this process; returns its figures."""
     import resource
 
@@ -55,6 +55,7 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path) -> dic
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import restransfer as rt
+    from restransfer.devices import configure_precision
     from restransfer.tasks.segmentation import SegmentationRecipe
 
     phases = rt.preset("head_only" if plan == "frozen encoder" else "two_phase", epochs=EPOCHS)
@@ -63,7 +64,7 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path) -> dic
     recipe = SegmentationRecipe(backbone="resnet18", weights=None if plan == "from scratch" else str(WEIGHTS),
                                 image_size=size, batch_size=16, class_names=["background", "polyp"],
                                 augmentation="segmentation", phases=phases, early_stopping_patience=None,
-                                cache_features=False, val_fraction=0, seed=seed)
+                                cache_features=False, val_fraction=0, seed=seed, precision=precision)
     splits = recipe.splits(str(DATA), val_fraction=0)
     started = time.perf_counter()
     recipe.fit(splits.train, validation_data=None, verbose=2)
@@ -73,7 +74,8 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path) -> dic
               "train_images_per_s": round(EPOCHS * len(splits.train) / seconds, 1),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "dice": figures["dice"], "dataset_dice": figures["dataset_dice"], "iou": figures["iou"],
-              "per_image_dice": figures["per_image_dice"], "threads": threads}
+              "per_image_dice": figures["per_image_dice"], "threads": threads,
+              "precision": configure_precision(precision)}
     if plan == "default" and seed == 0:
         result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
     return result
@@ -99,12 +101,18 @@ def _runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def label(run: dict) -> str:
+    """A plan's name, with its precision where that is not float32 (runs before the field: float32)."""
+    precision = run.get("precision", "float32")
+    return run["plan"] if precision == "float32" else f"{run['plan']} [{precision}]"
+
+
 def _margin(runs: list[dict], plan: str, other: str, size: int):
-    seeds = sorted({r["seed"] for r in runs if r["plan"] == plan and r["size"] == size}
-                   & {r["seed"] for r in runs if r["plan"] == other and r["size"] == size})
+    seeds = sorted({r["seed"] for r in runs if label(r) == plan and r["size"] == size}
+                   & {r["seed"] for r in runs if label(r) == other and r["size"] == size})
     if not seeds:
         return None
-    by = {(r["plan"], r["seed"]): r for r in runs if r["size"] == size}
+    by = {(label(r), r["seed"]): r for r in runs if r["size"] == size}
     per_seed = [by[plan, s]["dice"] - by[other, s]["dice"] for s in seeds]
     images = len(by[plan, seeds[0]]["per_image_dice"])
     per_image = [statistics.mean((by[plan, s]["per_image_dice"][i] or 0.0) - (by[other, s]["per_image_dice"][i] or 0.0)
@@ -118,8 +126,9 @@ def report(runs: list[dict], size: int) -> str:
     lines = [f"**{size} px, val (120 images), 12 epochs; mean ± sd over seeds**", "",
              "| plan | seeds | per-image Dice (val) | dataset Dice (val) | IoU | s / run | train img/s | peak RSS GB |",
              "|---|---|---|---|---|---|---|---|"]
-    for plan in PLANS:
-        mine = [r for r in runs if r["plan"] == plan and r["size"] == size]
+    labels = list(dict.fromkeys(label(r) for r in sorted(runs, key=lambda r: PLANS.index(r["plan"])) if r["size"] == size))
+    for plan in labels:
+        mine = [r for r in runs if label(r) == plan and r["size"] == size]
         if not mine:
             continue
         sd = lambda key: statistics.stdev([r[key] for r in mine]) if len(mine) > 1 else 0.0
@@ -128,11 +137,13 @@ def report(runs: list[dict], size: int) -> str:
                      f"{mean('dataset_dice'):.3f} ± {sd('dataset_dice'):.3f} | {mean('iou'):.3f} | "
                      f"{mean('seconds'):.0f} | {mean('train_images_per_s'):.1f} | {max(r['peak_rss_gb'] for r in mine):.2f} |")
     lines.append("")
-    for other in PLANS[1:]:
-        margin = _margin(runs, "default", other, size)
+    pairs = [("default", other) for other in PLANS[1:]] + [(plan, "default") for plan in labels if "[" in plan
+                                                            and plan.startswith("default")]
+    for plan, other in pairs:
+        margin = _margin(runs, plan, other, size)
         if margin:
             difference, se, seeds = margin
-            lines.append(f"- default − {other}: {difference:+.3f} per-image Dice, SE {se:.3f} "
+            lines.append(f"- {plan} − {other}: {difference:+.3f} per-image Dice, SE {se:.3f} "
                          f"({difference / se:.1f} SE, {seeds} seeds)")
     serving = [r["serving_images_per_s"] for r in runs if r["size"] == size and "serving_images_per_s" in r]
     if serving:
@@ -147,24 +158,33 @@ def main() -> int:
     parser.add_argument("--plans", nargs="+", default=list(PLANS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="float32", help="the recipes' precision (auto: what restransfer "
+                        "chooses on this machine); runs of each precision are kept apart")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("PLAN", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "runs.jsonl"
     if args.one:
-        result = run_one(args.one[0], int(args.one[1]), args.size, args.threads, OUT)
+        result = run_one(args.one[0], int(args.one[1]), args.size, args.threads, OUT, args.precision)
         print("RESULT " + json.dumps(result))
         return 0
     if not args.report_only:
-        done = {(r["plan"], r["seed"], r["size"]) for r in _runs(log)}
-        todo = [(plan, seed) for seed in args.seeds for plan in args.plans if (plan, seed, args.size) not in done]
+        wanted = args.precision
+        if wanted == "auto":
+            from restransfer.devices import auto_precision
+
+            wanted = auto_precision()
+        done = {(r["plan"], r["seed"], r["size"], r.get("precision", "float32")) for r in _runs(log)}
+        todo = [(plan, seed) for seed in args.seeds for plan in args.plans
+                if (plan, seed, args.size, wanted) not in done]
 
         def launch(job):
             plan, seed = job
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
             process = subprocess.run([sys.executable, __file__, "--one", plan, str(seed), "--size", str(args.size),
-                                      "--threads", str(args.threads)], capture_output=True, text=True, env=env)
+                                      "--threads", str(args.threads), "--precision", wanted],
+                                     capture_output=True, text=True, env=env)
             lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
             if process.returncode or not lines:
                 print(f"{plan} seed {seed} failed:\n{process.stderr[-3000:]}", file=sys.stderr)
