@@ -55,7 +55,6 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precis
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import restransfer as rt
-    from restransfer.devices import configure_precision
     from restransfer.tasks.segmentation import SegmentationRecipe
 
     phases = rt.preset("head_only" if plan == "frozen encoder" else "two_phase", epochs=EPOCHS)
@@ -75,7 +74,7 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precis
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "dice": figures["dice"], "dataset_dice": figures["dataset_dice"], "iou": figures["iou"],
               "per_image_dice": figures["per_image_dice"], "threads": threads,
-              "precision": configure_precision(precision)}
+              "precision": precision}  # as main resolved it ("auto" never reaches here)
     if plan == "default" and seed == 0:
         result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
     return result
@@ -129,16 +128,14 @@ def report(runs: list[dict], size: int) -> str:
     labels = list(dict.fromkeys(label(r) for r in sorted(runs, key=lambda r: PLANS.index(r["plan"])) if r["size"] == size))
     for plan in labels:
         mine = [r for r in runs if label(r) == plan and r["size"] == size]
-        if not mine:
-            continue
         sd = lambda key: statistics.stdev([r[key] for r in mine]) if len(mine) > 1 else 0.0
         mean = lambda key: statistics.mean(r[key] for r in mine)
         lines.append(f"| {plan} | {len(mine)} | {mean('dice'):.3f} ± {sd('dice'):.3f} | "
                      f"{mean('dataset_dice'):.3f} ± {sd('dataset_dice'):.3f} | {mean('iou'):.3f} | "
                      f"{mean('seconds'):.0f} | {mean('train_images_per_s'):.1f} | {max(r['peak_rss_gb'] for r in mine):.2f} |")
     lines.append("")
-    pairs = [("default", other) for other in PLANS[1:]] + [(plan, "default") for plan in labels if "[" in plan
-                                                            and plan.startswith("default")]
+    pairs = [("default", other) for other in PLANS[1:]] + [(plan, "default") for plan in labels
+                                                            if plan.startswith("default [")]
     for plan, other in pairs:
         margin = _margin(runs, plan, other, size)
         if margin:
