@@ -17,7 +17,9 @@ interpreter; ``onnxruntime``), gives the Keras model's probabilities within
 and activations, calibrated on training images, float32 in and out) are scored on the
 held-out images before and after: the card states the file size, the metric change and the
 decisions' agreement, and the export is refused when the metric drops by more than
-``max_metric_drop`` (``allow_drop=True``: warned instead).
+``max_metric_drop`` (``allow_drop=True``: warned instead). A model trained in mixed precision
+is converted (and checked) as its float32 twin, the same weights computing in float32; the
+card's ``precision`` says how far the twin's probabilities are from the trained model's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.models.precision import compute_dtypes, float32_twin
 from restransfer.serving.export import staged_version, write_card, write_labels
 
 FORMATS = ("saved_model", "litert", "onnx")
@@ -202,8 +205,19 @@ def export_portable(recipe, out_dir, *, format: str, quantization: str | None = 
     started = time.time()
     model, size, channels = recipe._require_model(), recipe.image_size, recipe.channels
     pixels, targets, contract_gap = _heldout_pixels(recipe, heldout)
-    outputs_fn = recipe._pixel_outputs(model)
+    # a mixed-precision model is converted as its float32 twin (same weights): the converters
+    # lack 16-bit kernels or would bake the 16-bit rounding into a float32 file
+    converted = float32_twin(model)
+    outputs_fn = recipe._pixel_outputs(converted)
     keras_outputs = in_batches(lambda batch: {k: np.asarray(v) for k, v in outputs_fn(batch).items()}, pixels)
+    precision = {"trained_compute_dtypes": sorted(compute_dtypes(model)), "converted": "float32"}
+    if converted is not model:
+        trained_fn = recipe._pixel_outputs(model)
+        trained = in_batches(lambda batch: {k: np.asarray(v) for k, v in trained_fn(batch).items()}, pixels)
+        precision.update(
+            max_abs_diff_probabilities_vs_trained=float(np.abs(
+                trained["probabilities"].astype(np.float64) - keras_outputs["probabilities"]).max()),
+            decision_agreement_vs_trained=float(np.mean(trained["predictions"] == keras_outputs["predictions"])))
     keras_figures = recipe._portable_figures(keras_outputs, targets)
     calibration = None
     if quantization == "int8":
@@ -245,6 +259,7 @@ def export_portable(recipe, out_dir, *, format: str, quantization: str | None = 
                 "decision": {"description": recipe.decision_text()},
                 "runtime": {"litert": "ai_edge_litert.interpreter.Interpreter",
                             "onnx": "onnxruntime.InferenceSession"}[format],
+                "precision": precision,
                 "parity": {"heldout_images": int(len(pixels)), "max_abs_diff_probabilities": diff,
                            "decision_agreement": agreement, "tolerance": None if quantized else TOLERANCE},
                 "heldout_figures": {"keras": keras_figures, format: figures, "drop": drop}}

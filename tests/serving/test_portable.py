@@ -13,6 +13,7 @@ import restransfer as rt
 from restransfer import Phase
 from restransfer.models.decision import DecisionRule
 from restransfer.models.heads import find_head
+from restransfer.models.precision import float32_twin
 from restransfer.serving import portable
 
 from conftest import write_image, write_pairs
@@ -37,7 +38,9 @@ def labelled_folder(root, channels):
 def classifiers(tmp_path_factory):
     out = tmp_path_factory.mktemp("portable")
     made = {}
-    for name, cls, channels, extra in (("rgb", rt.ClassificationRecipe, 3, {}),
+    # the RGB classifier is trained as on a GPU (mixed_float16): its portable files are made from
+    # its float32 twin (the converters have no 16-bit kernels)
+    for name, cls, channels, extra in (("rgb", rt.ClassificationRecipe, 3, {"precision": "mixed_float16"}),
                                         ("gray-medical", rt.MedicalImagingRecipe, 1, {"positive_class": "dark"})):
         folder = labelled_folder(out / name, channels)
         recipe = cls(backbone="resnet18", weights=None, image_size=32, channels=channels, batch_size=8, seed=1,
@@ -61,13 +64,20 @@ def test_a_portable_classifier_agrees_with_keras_in_its_runtime(classifiers, nam
     blob = (directory / portable.FILE_NAMES[fmt]).read_bytes()
     pixels = np.stack([portable.reference_pixels(p, 32, recipe.channels) for p in val.paths])
     served = portable.RUNTIMES[fmt](blob, pixels)
-    keras_probabilities = recipe.model.predict(pixels, verbose=0)
+    keras_probabilities = float32_twin(recipe.model).predict(pixels, verbose=0)
     np.testing.assert_allclose(served["probabilities"], keras_probabilities, atol=portable.TOLERANCE)
     decided = np.asarray(recipe.decision.decide(keras_probabilities, recipe.class_names))
     np.testing.assert_array_equal(served["predictions"], decided)  # the decision rule is in the file
+    card = json.loads((directory / "assets.extra" / "model_card.json").read_text())
+    trained = recipe.model.predict(pixels, verbose=0)
     if name == "gray-medical":
         assert not np.array_equal(decided, keras_probabilities.argmax(axis=1)), "the threshold changes decisions"
-    card = json.loads((directory / "assets.extra" / "model_card.json").read_text())
+        assert card["precision"] == {"trained_compute_dtypes": ["float32"], "converted": "float32"}
+        np.testing.assert_array_equal(trained, keras_probabilities)  # a float32 model is its own twin
+    else:  # the twin is the trained model up to float16 rounding, and the card says by how much
+        assert "float16" in card["precision"]["trained_compute_dtypes"]
+        gap = card["precision"]["max_abs_diff_probabilities_vs_trained"]
+        assert 0 < gap < 0.01 and np.abs(trained - served["probabilities"]).max() <= gap + portable.TOLERANCE
     assert card["input"]["shape"] == f"[N, 32, 32, {recipe.channels}]" and "0-255" in card["input"]["range"]
     assert card["parity"]["decision_agreement"] == 1.0 and card["parity"]["max_abs_diff_probabilities"] <= 1e-4
     assert card["input"]["reference_vs_restransfer_decoder"]["max_abs_pixel"] < 4.0  # a client's Pillow resize
