@@ -77,18 +77,39 @@ def binary_report(y_true, scores, threshold: float, bootstrap: int = 1000, seed:
     report = {"threshold": float(threshold), "auc": float(roc_auc_score(y_true, scores)),
               **_rates(y_true, (scores >= threshold).astype(int)), "n": int(len(y_true))}
     if bootstrap:
-        rng = np.random.default_rng(seed)
-        samples = {"auc": [], "sensitivity": [], "specificity": [], "ppv": [], "npv": []}
-        for _ in range(bootstrap):
-            index = rng.integers(0, len(y_true), len(y_true))
-            if len(np.unique(y_true[index])) < 2:
-                continue  # AUC needs both classes
-            samples["auc"].append(roc_auc_score(y_true[index], scores[index]))
-            rates = _rates(y_true[index], (scores[index] >= threshold).astype(int))
-            for key in ("sensitivity", "specificity", "ppv", "npv"):
-                samples[key].append(rates[key])
+        samples = _bootstrap_rates(y_true, scores, threshold, bootstrap, np.random.default_rng(seed))
         report["ci95"] = {k: _interval(v) for k, v in samples.items()}
     return report
+
+
+def _bootstrap_rates(y_true, scores, threshold: float, resamples: int, rng, chunk: int = 100) -> dict:
+    """AUC, sensitivity, specificity, PPV and NPV of each bootstrap resample, all resamples of a
+    chunk at once (a resample per row); resamples without both classes are left out (AUC needs
+    both). AUC is the Mann-Whitney statistic of the average ranks, which is what
+    ``roc_auc_score`` computes, ties included; a Python loop of scikit-learn calls took ~2 s
+    per report for 1000 resamples."""
+    from scipy.stats import rankdata
+
+    n = len(y_true)
+    samples = {"auc": [], "sensitivity": [], "specificity": [], "ppv": [], "npv": []}
+    for start in range(0, resamples, chunk):
+        index = rng.integers(0, n, (min(chunk, resamples - start), n))  # the stream of one draw per resample
+        truth, score = y_true[index], scores[index]
+        both = truth.min(axis=1) < truth.max(axis=1)
+        truth, score = truth[both], score[both]
+        positives = truth.sum(axis=1)
+        negatives = n - positives
+        ranks = rankdata(score, axis=1)
+        samples["auc"].append(((ranks * truth).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives))
+        decided = score >= threshold
+        tp, fp = (decided & (truth == 1)).sum(axis=1), (decided & (truth == 0)).sum(axis=1)
+        fn, tn = positives - tp, negatives - fp
+        with np.errstate(invalid="ignore", divide="ignore"):  # PPV/NPV: nan when nothing is decided so
+            samples["sensitivity"].append(tp / positives)
+            samples["specificity"].append(tn / negatives)
+            samples["ppv"].append(np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan))
+            samples["npv"].append(np.where(tn + fn > 0, tn / np.maximum(tn + fn, 1), np.nan))
+    return {key: np.concatenate(values) for key, values in samples.items()}
 
 
 def multiclass_auc(y_true, probabilities) -> dict:

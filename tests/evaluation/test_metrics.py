@@ -21,6 +21,32 @@ def test_binary_report_matches_sklearn_and_hand_counts():
     assert low <= report["auc"] <= high and 0 <= low < high <= 1
 
 
+def test_bootstrap_intervals_are_those_of_scikit_learn_on_each_resample():
+    """The resamples are scored all at once; each must score as scikit-learn scores it (ties in
+    the scores, resamples with one class left out, PPV undefined when nothing is positive)."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(30) < 0.25).astype(int)
+    s = np.round(rng.random(30) * (0.6 + 0.4 * y), 1)  # few distinct values: many ties
+    report = metrics.binary_report(y, s, threshold=0.7, bootstrap=300, seed=5)
+    draws = np.random.default_rng(5)
+    samples = {"auc": [], "sensitivity": [], "specificity": [], "ppv": [], "npv": []}
+    for _ in range(300):
+        index = draws.integers(0, 30, 30)
+        if len(np.unique(y[index])) < 2:
+            continue
+        samples["auc"].append(roc_auc_score(y[index], s[index]))
+        tn, fp, fn, tp = confusion_matrix(y[index], s[index] >= 0.7, labels=[0, 1]).ravel()
+        samples["sensitivity"].append(tp / (tp + fn))
+        samples["specificity"].append(tn / (tn + fp))
+        samples["ppv"].append(tp / (tp + fp) if tp + fp else np.nan)
+        samples["npv"].append(tn / (tn + fn) if tn + fn else np.nan)
+    assert np.isnan(samples["ppv"]).any(), "the case of no positive decision is exercised"
+    for key, values in samples.items():
+        values = np.asarray(values)[np.isfinite(values)]
+        np.testing.assert_allclose(report["ci95"][key], np.percentile(values, [2.5, 97.5]), rtol=0, atol=1e-12,
+                                   err_msg=key)
+
+
 def test_threshold_chosen_on_validation_is_applied_unchanged_to_test():
     threshold = metrics.choose_threshold(Y, S, "youden")
     assert threshold == pytest.approx(0.6)  # tpr 0.8 / fpr 0.2 is the best J = 0.6
