@@ -207,13 +207,15 @@ def export_portable(recipe, out_dir, *, format: str, quantization: str | None = 
     pixels, targets, contract_gap = _heldout_pixels(recipe, heldout)
     # a mixed-precision model is converted as its float32 twin (same weights): the converters
     # lack 16-bit kernels or would bake the 16-bit rounding into a float32 file
+    def keras_outputs_of(outputs):
+        return in_batches(lambda batch: {k: np.asarray(v) for k, v in outputs(batch).items()}, pixels)
+
     converted = float32_twin(model)
     outputs_fn = recipe._pixel_outputs(converted)
-    keras_outputs = in_batches(lambda batch: {k: np.asarray(v) for k, v in outputs_fn(batch).items()}, pixels)
+    keras_outputs = keras_outputs_of(outputs_fn)
     precision = {"trained_compute_dtypes": sorted(compute_dtypes(model)), "converted": "float32"}
     if converted is not model:
-        trained_fn = recipe._pixel_outputs(model)
-        trained = in_batches(lambda batch: {k: np.asarray(v) for k, v in trained_fn(batch).items()}, pixels)
+        trained = keras_outputs_of(recipe._pixel_outputs(model))
         precision.update(
             max_abs_diff_probabilities_vs_trained=float(np.abs(
                 trained["probabilities"].astype(np.float64) - keras_outputs["probabilities"]).max()),
