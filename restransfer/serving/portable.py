@@ -205,11 +205,11 @@ def export_portable(recipe, out_dir, *, format: str, quantization: str | None = 
     started = time.time()
     model, size, channels = recipe._require_model(), recipe.image_size, recipe.channels
     pixels, targets, contract_gap = _heldout_pixels(recipe, heldout)
-    # a mixed-precision model is converted as its float32 twin (same weights): the converters
-    # lack 16-bit kernels or would bake the 16-bit rounding into a float32 file
     def keras_outputs_of(outputs):
         return in_batches(lambda batch: {k: np.asarray(v) for k, v in outputs(batch).items()}, pixels)
 
+    # a mixed-precision model is converted as its float32 twin (same weights): the converters
+    # lack 16-bit kernels or would bake the 16-bit rounding into a float32 file
     converted = float32_twin(model)
     outputs_fn = recipe._pixel_outputs(converted)
     keras_outputs = keras_outputs_of(outputs_fn)
