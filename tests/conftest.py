@@ -49,15 +49,20 @@ def write_image(path: Path, array: np.ndarray, **save_args) -> Path:
 @pytest.fixture
 def tiny_folder(tmp_path):
     """A two-class image folder: bright vs dark squares of mixed sizes and formats."""
+    return bright_dark_folder(tmp_path)
+
+
+def bright_dark_folder(root, train_per_class=12, val_per_class=6):
+    """``root/{train,val}/{bright,dark}/``: squares of 20..39 px, PNG and JPEG alternately."""
     rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 6)):
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
         for label, (low, high) in (("bright", (170, 255)), ("dark", (0, 85))):
             for i in range(count):
                 size = int(rng.integers(20, 40))
                 pixels = rng.integers(low, high, (size, size + 3, 3), dtype=np.uint8)
                 suffix = ".png" if i % 2 else ".jpg"
-                write_image(tmp_path / split / label / f"{label}{i}{suffix}", pixels)
-    return tmp_path
+                write_image(root / split / label / f"{label}{i}{suffix}", pixels)
+    return root
 
 
 def scans_npz(path, counts=(("train", 96), ("val", 40), ("test", 30)), positives=0.35, seed=0):

@@ -14,6 +14,8 @@ from restransfer.training.schedules import OneCycle, learning_rate
 from restransfer.models.heads import ClassifierHead
 from restransfer.training.objectives import ClassificationObjective, compile_model
 
+from conftest import bright_dark_folder
+
 
 def tiny_model():
     backbone = rt.build_backbone("resnet18", input_shape=(32, 32, 3))
@@ -313,33 +315,39 @@ def _ema_snapshot(model):
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
-def test_ema_weights_are_validated_kept_and_saved(tiny_folder, tmp_path, precision):
+def test_ema_weights_are_validated_kept_and_saved(tmp_path, precision):
     """With ema and early stopping: each epoch is validated on the EMA weights, the best
     epoch's EMA weights are kept (Keras alone would restore raw ones), and they are saved --
     also under mixed_float16 (a GPU's default), where Keras wraps the optimizer in a
     LossScaleOptimizer whose own use_ema is False."""
-    snapshots, raw, logged = [], [], []
+    snapshots, raw, logged, applied = [], [], [], []
 
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             snapshots.append(_ema_snapshot(self.model))
             raw.append({w.path: np.array(w) for w in self.model.trainable_weights})
             logged.append((logs["val_accuracy"], logs["val_loss"]))
+            applied.append(int(self.model.optimizer.iterations))  # steps the loss scale did not skip
+
+    # 8 steps an epoch: under mixed_float16 the loss scale's search skips the first few
+    # (4 measured, from 32768 to 2048), and EMA weights equal the raw ones until 2 steps apply
+    folder = bright_dark_folder(tmp_path / "data", train_per_class=48)
 
     recipe = rt.ClassificationRecipe(
         backbone="resnet18", weights=None, image_size=32, batch_size=12, augmentation="none",
         early_stopping_patience=2, deterministic=True, precision=precision,
         phases=[Phase("all", epochs=3, lr=3e-3, ema=True, schedule="constant")])
-    recipe.fit(tiny_folder, callbacks=[Record()], verbose=0)
+    recipe.fit(folder, callbacks=[Record()], verbose=0)
     assert (type(recipe.model.optimizer).__name__ == "LossScaleOptimizer") == (precision == "mixed_float16")
     accuracies = [a for a, _ in logged]
     best = int(np.argmax(accuracies))  # the first best epoch, as early stopping keeps it
+    assert applied[best] >= 2, f"the test cannot tell EMA from raw weights: {applied[best]} step(s) applied by epoch {best + 1}"
     kept = {w.path: np.array(w) for w in recipe.model.weights}
     for path, value in snapshots[best].items():
         np.testing.assert_array_equal(kept[path], value, err_msg=path)
     assert any(not np.array_equal(kept[path], value) for path, value in raw[best].items()), \
         "the raw weights would have passed too"
-    assert recipe.evaluate(tiny_folder / "val")["loss"] == pytest.approx(logged[best][1], rel=1e-3)
+    assert recipe.evaluate(folder / "val")["loss"] == pytest.approx(logged[best][1], rel=1e-3)
     reloaded = rt.ClassificationRecipe.load(recipe.save(tmp_path / "m.keras"))
     for a, b in zip(reloaded.model.get_weights(), recipe.model.get_weights()):
         np.testing.assert_array_equal(a, b)
