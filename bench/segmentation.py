@@ -42,11 +42,12 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "kvasir_seg"
 WEIGHTS = SHARED / "weights" / "resnet18_standin.pth"
 OUT = REPO / "bench" / "segmentation"
-PLANS = ("default", "from scratch", "frozen encoder")
+PLANS = ("default", "from scratch", "frozen encoder", "default, one rate")
 EPOCHS = 12
 
 
-def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precision: str = "float32") -> dict:
+def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precision: str = "float32",
+            holdout: float = 0.0) -> dict:
     """One training run in this process; returns its figures."""
     import resource
 
@@ -57,14 +58,19 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precis
     import restransfer as rt
     from restransfer.tasks.segmentation import SegmentationRecipe
 
-    phases = rt.preset("head_only" if plan == "frozen encoder" else "two_phase", epochs=EPOCHS)
+    phases = rt.preset("head_only" if plan == "frozen encoder" else "two_phase", epochs=EPOCHS,
+                       lr_mult=1.0 if plan == "default, one rate" else 0.4)
     if plan == "frozen encoder":  # as the default's decoder phase: the frozen encoder's BatchNorm adapts
         phases = [p.model_copy(update={"train_bn": True}) for p in phases]
     recipe = SegmentationRecipe(backbone="resnet18", weights=None if plan == "from scratch" else str(WEIGHTS),
                                 image_size=size, batch_size=16, class_names=["background", "polyp"],
                                 augmentation="segmentation", phases=phases, early_stopping_patience=None,
                                 cache_features=False, val_fraction=0, seed=seed, precision=precision)
-    splits = recipe.splits(str(DATA), val_fraction=0)
+    if holdout:  # an ablation's split: train on part of train, score on the rest (val untouched)
+        splits = SegmentationRecipe(class_names=["background", "polyp"], seed=0).splits(
+            str(DATA / "train"), val_fraction=holdout, with_test=False)
+    else:
+        splits = recipe.splits(str(DATA), val_fraction=0)
     started = time.perf_counter()
     recipe.fit(splits.train, validation_data=None, verbose=2)
     seconds = time.perf_counter() - started
@@ -74,8 +80,9 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precis
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "dice": figures["dice"], "dataset_dice": figures["dataset_dice"], "iou": figures["iou"],
               "per_image_dice": figures["per_image_dice"], "threads": threads,
-              "precision": precision}  # as main resolved it ("auto" never reaches here)
-    if plan == "default" and seed == 0:
+              "precision": precision,  # as main resolved it ("auto" never reaches here)
+              "scored_on": f"train holdout {holdout:g} (split seed 0)" if holdout else "val"}
+    if plan == "default" and seed == 0 and not holdout:
         result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
     return result
 
@@ -122,8 +129,11 @@ def _margin(runs: list[dict], plan: str, other: str, size: int):
 
 
 def report(runs: list[dict], size: int) -> str:
-    lines = [f"**{size} px, val (120 images), 12 epochs; mean ± sd over seeds**", "",
-             "| plan | seeds | per-image Dice (val) | dataset Dice (val) | IoU | s / run | train img/s | peak RSS GB |",
+    sized = [r for r in runs if r["size"] == size]
+    scored_on = sized[0].get("scored_on", "val") if sized else "val"
+    images = len(sized[0]["per_image_dice"]) if sized else 0
+    lines = [f"**{size} px, scored on {scored_on} ({images} images), 12 epochs; mean ± sd over seeds**", "",
+             "| plan | seeds | per-image Dice | dataset Dice | IoU | s / run | train img/s | peak RSS GB |",
              "|---|---|---|---|---|---|---|---|"]
     labels = list(dict.fromkeys(label(r) for r in sorted(runs, key=lambda r: PLANS.index(r["plan"])) if r["size"] == size))
     for plan in labels:
@@ -157,13 +167,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", default="float32", help="the recipes' precision (auto: what restransfer "
                         "chooses on this machine); runs of each precision are kept apart")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="for ablations: train on 1-F of train, score on the other F of it (runs_holdout.jsonl)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("PLAN", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    log = OUT / "runs.jsonl"
+    log = OUT / ("runs_holdout.jsonl" if args.holdout else "runs.jsonl")
     if args.one:
-        result = run_one(args.one[0], int(args.one[1]), args.size, args.threads, OUT, args.precision)
+        result = run_one(args.one[0], int(args.one[1]), args.size, args.threads, OUT, args.precision, args.holdout)
         print("RESULT " + json.dumps(result))
         return 0
     if not args.report_only:
@@ -180,7 +192,8 @@ def main() -> int:
             plan, seed = job
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
             process = subprocess.run([sys.executable, __file__, "--one", plan, str(seed), "--size", str(args.size),
-                                      "--threads", str(args.threads), "--precision", wanted],
+                                      "--threads", str(args.threads), "--precision", wanted,
+                                      "--holdout", str(args.holdout)],
                                      capture_output=True, text=True, env=env)
             lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
             if process.returncode or not lines:

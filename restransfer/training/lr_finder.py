@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from restransfer.models import stages as stages_lib
+from restransfer.training.loop import build_before_tracing
 from restransfer.training.phases import Phase
 from restransfer.training.objectives import Objective
 from restransfer.training.optimizers import make_optimizer
@@ -93,9 +94,10 @@ def find_lr(model, train_ds, phase: Phase, objective: Objective, min_lr: float =
         optimizer = make_optimizer(model, sweep, steps_per_epoch=steps)
         optimizer.learning_rate = _ExponentialRate(min_lr, max_lr, steps)
         objective.compile(model, optimizer, sweep, steps_per_execution=1)  # one loss per batch
-        data = objective.targets(train_ds)
+        data = objective.targets(train_ds).repeat()
+        build_before_tracing(model, data)  # the sweep's step is traced once, not twice
         recorder = _RecordLoss(stop_factor)
-        model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[recorder],
+        model.fit(data, steps_per_epoch=steps, epochs=1, callbacks=[recorder],
                   verbose=0, shuffle=False)
     finally:
         model.set_weights(saved)
