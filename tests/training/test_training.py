@@ -486,3 +486,28 @@ def test_a_ctrl_c_lost_where_errors_are_swallowed_still_stops_training(tiny_fold
         recipe.fit(tiny_folder / "train", validation_data=None, callbacks=[CtrlCSwallowed()], verbose=0)
     assert CtrlCSwallowed.batches <= 2, "training went on after the Ctrl-C"
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_ctrl_c_that_c_code_turned_into_another_error_is_still_an_interrupt():
+    """A Ctrl-C raised inside C code can come out as a different error (CI saw TensorFlow's
+    "SystemError: ... returned a result with an exception set"), and the CLI then crashed
+    with exit 1 instead of saying how to resume. Within the latch it is a KeyboardInterrupt,
+    chained to what it became; an error with no Ctrl-C before it passes unchanged."""
+    import os
+    import signal
+
+    from restransfer.training import interrupts
+
+    def c_code_that_swallows_the_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        except KeyboardInterrupt as error:
+            raise SystemError("<built-in method __array__> returned a result with an exception set") from error
+
+    with pytest.raises(KeyboardInterrupt) as caught, interrupts.latch_ctrl_c():
+        c_code_that_swallows_the_interrupt()
+    assert isinstance(caught.value.__cause__, SystemError)
+    with pytest.raises(ValueError), interrupts.latch_ctrl_c():  # the latch was cleared on exit
+        raise ValueError("a real error")
