@@ -238,10 +238,11 @@ class RecipeConfig(Strict):
         return self
 
     def phases(self) -> list[Phase]:
+        from restransfer.tasks.registry import default_lr_mult
         from restransfer.training.phases import preset
 
         if isinstance(self.fine_tune, str):
-            return preset(self.fine_tune, epochs=self.fine_tune_epochs)
+            return preset(self.fine_tune, epochs=self.fine_tune_epochs, lr_mult=default_lr_mult(self.task))
         return list(self.fine_tune)
 
 

@@ -28,7 +28,7 @@ from restransfer.devices import configure_precision
 from restransfer.models import stages as stages_lib
 from restransfer.models.backbones import build_backbone, get_spec
 from restransfer.models.heads import find_head
-from restransfer.tasks.registry import default_augmentation
+from restransfer.tasks.registry import default_augmentation, default_lr_mult
 from restransfer.training.loop import TrainingHistory, run_phases
 from restransfer.training.phases import Phase, default_phases, preset
 
@@ -40,7 +40,8 @@ COMMON_ARGUMENTS = """
         class_names / num_classes: the classes; found in the training data when omitted.
         image_size: the square side images are resized to (>= 32).
         channels: 1 (gray, ITU-R 601-2 luma of colour files) or 3.
-        phases: a list of :class:`restransfer.Phase`, a preset name, or None (the task's default).
+        phases: a list of :class:`restransfer.Phase`, a preset name (with the task's ``lr_mult``), or
+            None (the task's default: ``two_phase`` over 6 epochs).
         batch_size: images per step (per replica when distributed).
         augmentation: a preset (``none``, ``light``, ``medium``, ``medical``), a list of
             albumentations transforms, or None (the task's default, see
@@ -121,9 +122,9 @@ class Recipe:
         self.num_classes = num_classes or (len(class_names) if class_names else None)
         self.image_size = int(image_size)
         self.channels = channels
-        if isinstance(phases, str):
-            phases = preset(phases)
-        self.phases = list(phases) if phases is not None else default_phases()
+        if isinstance(phases, str):  # a preset by name, with the task's discriminative rates
+            phases = preset(phases, lr_mult=default_lr_mult(self.task))
+        self.phases = list(phases) if phases is not None else default_phases(lr_mult=default_lr_mult(self.task))
         self.batch_size = batch_size
         self.augmentation = default_augmentation(self.task) if augmentation is None else augmentation
         self.early_stopping_patience = early_stopping_patience

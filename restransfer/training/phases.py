@@ -96,9 +96,10 @@ class Phase(BaseModel):
         return rates
 
 
-def default_phases(epochs: int = 3) -> list[Phase]:
-    """restransfer's default: the ``two_phase`` preset (see bench/RESULTS.md for why)."""
-    return preset("two_phase", epochs=2 * epochs)
+def default_phases(epochs: int = 3, lr_mult: float = 0.4) -> list[Phase]:
+    """restransfer's default: the ``two_phase`` preset (see bench/RESULTS.md for why); a recipe
+    passes its task's ``lr_mult`` (restransfer.tasks.registry)."""
+    return preset("two_phase", epochs=2 * epochs, lr_mult=lr_mult)
 
 
 def preset(name: str, epochs: int = 6, lr: float = 1e-3, lr_mult: float = 0.4) -> list[Phase]:
@@ -108,11 +109,15 @@ def preset(name: str, epochs: int = 6, lr: float = 1e-3, lr_mult: float = 0.4) -
     * ``keras_guide``: the Keras transfer-learning guide: head with the backbone frozen,
       then everything at 1e-5 (constant rates, Adam).
     * ``two_phase``: fastai ``fine_tune``: one-cycle on the head, then unfreeze everything
-      with discriminative rates (stem 100x below the head) on a one-cycle at lr/2. As in
+      with discriminative rates (``lr_mult`` 0.4: the stem 100x below stage4) on a one-cycle
+      at half the head's rate. As in
       fastai (``train_bn=True``), the frozen backbone's BatchNorm layers train during the
       head phase, so their statistics adapt to the new images before the convolutions move.
     * ``gradual``: ULMFiT-style: the head, then one more stage per phase from the top,
       with discriminative rates.
+
+    ``lr_mult`` is the discriminative factor (0.4: classification's; a recipe given a preset by
+    name uses its task's, which for segmentation is 1.0, one rate for every stage).
     """
     if epochs < 1:
         raise ValueError(f"a preset needs epochs >= 1, got {epochs}")

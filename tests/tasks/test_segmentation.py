@@ -18,7 +18,7 @@ from restransfer.tasks.base import load
 from restransfer.tasks.segmentation import SegmentationRecipe
 from restransfer.training.phases import Phase
 
-from conftest import write_pairs
+from conftest import REPO, write_pairs
 
 WIDTHS = (16, 16, 8, 8, 8)  # small decoders: the behaviour, not the capacity
 
@@ -140,6 +140,36 @@ def test_the_decoder_phase_trains_the_decoder_and_the_encoders_batchnorm_only(tm
     np.testing.assert_array_equal(encoder.get_layer("conv1_conv").kernel.numpy(), kernel)
     assert not np.allclose(encoder.get_layer("conv1_bn").moving_mean.numpy(), moving)  # train_bn
     assert not np.allclose(model.get_layer("decoder1_1_conv").kernel.numpy(), decoder)
+
+
+def test_segmentation_presets_train_every_stage_at_one_rate_and_classification_keeps_its_own(tmp_path):
+    """The task chooses the presets' discriminative factor (restransfer.tasks.registry), and the
+    Python API and a recipe file agree: segmentation's full phase trains every stage at one rate
+    (discriminative rates cost 0.055 per-image Dice on Kvasir-SEG), classification's at 0.4."""
+    from restransfer.cli.config import load_recipe
+    from restransfer.cli.runs import recipe_from_config
+
+    by_python = {
+        "segmentation default": SegmentationRecipe(backbone="resnet18", weights=None).phases,
+        "segmentation two_phase": SegmentationRecipe(backbone="resnet18", weights=None, phases="two_phase").phases,
+        "classification default": rt.ClassificationRecipe(backbone="resnet18", weights=None).phases,
+        "medical two_phase": rt.MedicalImagingRecipe(backbone="resnet18", weights=None, phases="two_phase").phases,
+    }
+    assert {name: [p.lr_mult for p in phases] for name, phases in by_python.items()} == {
+        "segmentation default": [1.0, 1.0], "segmentation two_phase": [1.0, 1.0],
+        "classification default": [1.0, 0.4], "medical two_phase": [1.0, 0.4]}
+    full = by_python["segmentation default"][-1]
+    assert set(full.stage_learning_rates().values()) == {full.lr}, "one rate for every stage"
+
+    config, _ = load_recipe(REPO / "recipes" / "kvasir_seg.yaml", ["backbone.weights=null"])
+    by_file = recipe_from_config(config)
+    assert [p.lr_mult for p in by_file.phases] == [1.0, 1.0] and sum(p.epochs for p in by_file.phases) == 12
+    explicit = tmp_path / "explicit.yaml"  # a phase written out keeps what it says
+    (tmp_path / "masks").mkdir()
+    explicit.write_text("task: segmentation\nbackbone: {name: resnet18, weights: null}\n"
+                        "data: {source: masks}\nsegmentation: {classes: [background, polyp]}\n"
+                        "fine_tune: [{trainable: all, epochs: 1, lr_mult: 0.5}]\n")
+    assert [p.lr_mult for p in load_recipe(explicit)[0].phases()] == [0.5]
 
 
 @pytest.mark.parametrize("backbone", rt.list_backbones())
