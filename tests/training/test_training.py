@@ -68,6 +68,56 @@ def test_adam_first_step_moves_each_stage_by_its_rate():
         assert np.median(moved) == pytest.approx(rate, rel=0.05), stage
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_the_fused_adam_update_is_keras_adam_and_one_kernel_per_variable(optimizer):
+    """StageRateAdam updates each variable with TensorFlow's fused ResourceApplyAdam (a
+    training step's graph was half optimizer ops, traced anew each phase); over three steps,
+    traced and eager, it must move the weights as Keras' own Adam/AdamW at the same rates."""
+    from restransfer.training.optimizers import StageRateAdam, StageRateAdamW
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 4, 8), (8,), (16, 2)]
+    start = [rng.normal(size=shape).astype("float32") for shape in shapes]
+    grads = [[rng.normal(size=shape).astype("float32") for shape in shapes] for _ in range(3)]
+    options = dict(learning_rate=0.01, weight_decay=0.1) if optimizer == "adamw" else dict(learning_rate=0.01)
+    ours_class, keras_class = ((StageRateAdamW, keras.optimizers.AdamW) if optimizer == "adamw"
+                               else (StageRateAdam, keras.optimizers.Adam))
+
+    def run(make, traced):
+        variables = [keras.Variable(value, name=f"w{i}") for i, value in enumerate(start)]
+        opt = make(variables)
+        opt.build(variables)
+        step = (lambda g: opt.apply(g, variables))
+        step = tf.function(step) if traced else step
+        for g in grads:
+            step([tf.constant(x) for x in g])
+        return [v.numpy() for v in variables], opt
+
+    # the third variable at half the rate: Keras' own Adam then gets it as a second optimizer
+    ours, fused = run(lambda v: ours_class(lr_multipliers={v[2].path: 0.5}, **options), traced=True)
+    eager, _ = run(lambda v: ours_class(lr_multipliers={v[2].path: 0.5}, **options), traced=False)
+    reference, _ = run(lambda v: keras_class(**options), traced=False)
+    half = dict(options, learning_rate=0.005, weight_decay=0.2) if optimizer == "adamw" else dict(learning_rate=0.005)
+    halved = [keras.Variable(start[2])]
+    opt = keras_class(**half)
+    opt.build(halved)
+    for g in grads:
+        opt.apply([tf.constant(g[2])], halved)
+    reference[2] = halved[0].numpy()
+    for mine, again, theirs in zip(ours, eager, reference):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(again, theirs, rtol=1e-5, atol=1e-7)
+    # one kernel per variable in the traced update, not Keras' ~40 ops
+    variables = [keras.Variable(value) for value in start]
+    fused = ours_class(**options)
+    fused.build(variables)
+    graph = tf.function(lambda g: fused.apply(g, variables)).get_concrete_function(
+        [tf.TensorSpec(shape, tf.float32) for shape in shapes]).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("ResourceApplyAdam") == len(shapes)
+    assert kinds.count("AssignSubVariableOp") == (len(shapes) if optimizer == "adamw" else 0)  # the decay only
+
+
 def test_multipliers_cover_only_trainable_stages():
     model = tiny_model()
     stages.set_trainable_stages(model, ["stage4"])
