@@ -161,11 +161,12 @@ def test_segmentation_presets_train_every_stage_at_one_rate_and_classification_k
     full = by_python["segmentation default"][-1]
     assert set(full.stage_learning_rates().values()) == {full.lr}, "one rate for every stage"
 
-    config, _ = load_recipe(REPO / "recipes" / "kvasir_seg.yaml", ["backbone.weights=null"])
+    (tmp_path / "masks").mkdir()  # the recipe's own data need not be here: only its phases are read
+    config, _ = load_recipe(REPO / "recipes" / "kvasir_seg.yaml",
+                            ["backbone.weights=null", f"data.source={tmp_path / 'masks'}"])
     by_file = recipe_from_config(config)
     assert [p.lr_mult for p in by_file.phases] == [1.0, 1.0] and sum(p.epochs for p in by_file.phases) == 12
     explicit = tmp_path / "explicit.yaml"  # a phase written out keeps what it says
-    (tmp_path / "masks").mkdir()
     explicit.write_text("task: segmentation\nbackbone: {name: resnet18, weights: null}\n"
                         "data: {source: masks}\nsegmentation: {classes: [background, polyp]}\n"
                         "fine_tune: [{trainable: all, epochs: 1, lr_mult: 0.5}]\n")
