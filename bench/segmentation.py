@@ -87,7 +87,11 @@ def run_one(plan: str, seed: int, size: int, threads: int, out_dir: Path, precis
               "precision": precision,  # as main resolved it ("auto" never reaches here)
               "scored_on": f"train holdout {holdout:g} (split seed 0)" if holdout else "val"}
     if plan == "default" and seed == 0 and not holdout:
-        result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
+        # a failed export must not lose the run's figures (one run is over an hour on 2 cores)
+        try:
+            result.update(serving_throughput(recipe, splits.val, out_dir / f"export_{size}"))
+        except Exception as error:  # noqa: BLE001 -- recorded with the run, not hidden
+            result["serving_error"] = f"{type(error).__name__}: {str(error)[-500:]}"
     return result
 
 
