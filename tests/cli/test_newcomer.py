@@ -20,7 +20,7 @@ from restransfer import cli
 from restransfer.cli import runs
 from restransfer.cli.config import load_recipe
 
-from conftest import REPO, write_image
+from conftest import REPO, require_shared, write_image
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -172,8 +172,10 @@ def test_the_readmes_commands_parse_and_their_recipes_load():
     commands = readme_commands()
     assert len(commands) >= 15
     parser = cli.main.__globals__["build_parser"]()
-    for argv in commands:
-        args = parser.parse_args(argv)
+    parsed = [parser.parse_args(argv) for argv in commands]
+    # the example recipes read ../shared (the repo's sibling): loading them needs it
+    require_shared(REPO.parent / "shared" / "data")
+    for args in parsed:
         if args.command in ("train", "lr-find") and (REPO / args.recipe).is_file():  # not placeholders (recipe.yaml)
             load_recipe(REPO / args.recipe, args.set)
         if args.command == "validate":
