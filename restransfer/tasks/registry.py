@@ -17,7 +17,7 @@ class TaskSpec:
     section: str | None = None  # the recipe file's section of options only this task reads
     fixed: tuple = ()           # (argument, value) pairs the task name implies
     # the presets' discriminative rate factor (stage4 at lr * lr_mult, the stem at lr * lr_mult**5).
-    # Segmentation: one rate for every stage, +0.055 per-image Dice over 0.4 on a held-out part of
+    # Segmentation: one rate for every stage, +0.054 per-image Dice over 0.4 on a held-out part of
     # Kvasir-SEG's train, 2 seeds (bench/RESULTS.md); mask boundaries need the early stages to move.
     lr_mult: float = 0.4
 
