@@ -161,9 +161,11 @@ def report(runs: list[dict], size: int) -> str:
             difference, se, seeds = margin
             lines.append(f"- {plan} − {other}: {difference:+.3f} per-image Dice, SE {se:.3f} "
                          f"({difference / se:.1f} SE, {seeds} seeds)")
-    serving = [r["serving_images_per_s"] for r in runs if r["size"] == size and "serving_images_per_s" in r]
+    # the newest export measured (runs are appended): the default of today, not of an earlier plan
+    serving = [r for r in runs if r["size"] == size and "serving_images_per_s" in r]
     if serving:
-        lines.append(f"- exported SavedModel, serving_default from JPEG bytes (batches of 16): {serving[0]} images/s")
+        lines.append(f"- exported SavedModel ({label(serving[-1])}, seed {serving[-1]['seed']}), serving_default from "
+                     f"JPEG bytes (batches of 16): {serving[-1]['serving_images_per_s']} images/s")
     return "\n".join(lines)
 
 
