@@ -23,6 +23,11 @@ a run's start is single-threaded tracing). Margins: the mean per-image Dice diff
 seeds, its SE combining the seed term (sd of per-seed differences / sqrt(seeds)) and the
 image term (sd over images of the seed-averaged per-image difference / sqrt(images)).
 
+Run it in a checkout nobody edits while it runs (autograph reads functions' source from disk),
+with the package imported from there, not from the editable install's checkout:
+    git worktree add ../bench-tree HEAD && cd ../bench-tree   # beside ../shared, as the repo is
+    PYTHONPATH=$PWD /path/to/.venv/bin/python bench/segmentation.py ...
+
 Inference: images/s through the exported SavedModel's ``serving_default`` from JPEG bytes
 (batches of 16 val files), measured after the default's seed-0 run.
 """
