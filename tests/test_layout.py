@@ -50,3 +50,35 @@ def test_no_module_imports_a_higher_layer(path):
 def test_every_package_says_what_lives_there(package):
     module = importlib.import_module(f"restransfer.{package}")
     assert module.__doc__ and len(module.__doc__.strip().splitlines()) >= 2
+
+
+def _task_name_comparisons(path: Path) -> list[str]:
+    """Lines comparing something named ``task`` with a task's name (``task == "segmentation"``,
+    ``config.task in ("medical", ...)``): a task branch."""
+    from restransfer.tasks.registry import TASKS
+
+    def names_task(node):
+        return (isinstance(node, ast.Name) and node.id == "task") or (isinstance(node, ast.Attribute) and node.attr == "task")
+
+    def task_names(node):
+        values = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(v, ast.Constant) and v.value in TASKS for v in values)
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(names_task(side) for side in sides) and any(task_names(side) for side in sides):
+                found.append(f"line {node.lineno}")
+    return found
+
+
+SHARED_MODULES = [p for p in MODULES if "tasks" not in p.relative_to(PACKAGE).parts]
+
+
+@pytest.mark.parametrize("path", SHARED_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_shared_machinery_names_no_task(path):
+    """What differs between tasks is each task's (its module in tasks/, its entry in
+    tasks/registry.py); the shared packages ask the task, never compare its name."""
+    branches = _task_name_comparisons(path)
+    assert not branches, f"{path.relative_to(PACKAGE)} branches on a task's name: {branches}"

@@ -225,13 +225,14 @@ class RecipeConfig(Strict):
     def _consistent(self):
         from restransfer.tasks.registry import default_augmentation
 
+        task = TASKS[self.task]
         if self.data.augmentation is None:  # the task's own default, written into the resolved recipe
             self.data.augmentation = default_augmentation(self.task)
-        if self.task == "segmentation" and "head" in self.model_fields_set:
-            raise ValueError("head: configures the classifier's head; a segmentation model's decoder is "
-                             "segmentation.decoder_widths")
-        if self.task == "multilabel" and self.data.cv_folds:
-            raise ValueError("cross-validation (data.cv_folds) is for single-label tasks")
+        if not task.has_head and "head" in self.model_fields_set:
+            raise ValueError(f"head: configures a classifier's head; a {self.task} model has none (its own "
+                             f"options, the decoder's included, are in the recipe's {task.section}: section)")
+        if not task.cross_validation and self.data.cv_folds:
+            raise ValueError(f"cross-validation (data.cv_folds) is for single-label tasks, not {self.task}")
         if self.training.distribute == "multi_worker" and self.data.cv_folds:
             raise ValueError("training.distribute: multi_worker trains one model; cross-validation "
                              "(data.cv_folds) runs on one machine (use mirrored or none)")

@@ -38,23 +38,32 @@ def _csv_classes(path: Path, config: RecipeConfig) -> list[str] | None:
     return sorted(labels)
 
 
+def _mask_layout_problems(path: Path) -> list[str]:
+    from restransfer.data.masks import IMAGE_DIRS, MASK_DIRS
+    from restransfer.data.splits import find_split_dir
+
+    if not path.is_dir():
+        return []
+    root = find_split_dir(path, "train") or path
+    names = {d.name for d in root.iterdir() if d.is_dir()}
+    if not (names & set(IMAGE_DIRS) and names & set(MASK_DIRS)):
+        return [f"data.source: {root} needs images/ and masks/ sub-folders for masks beside the images "
+                f"(images/<id>.jpg + masks/<id>.png); it has {sorted(names)}"]
+    return []
+
+
 def data_problems(config: RecipeConfig) -> list[str]:
-    """What the data's layout and classes already say is wrong for the task."""
+    """What the data's layout and classes already say is wrong for the task (what the task
+    needs of its data: its entry in :mod:`restransfer.tasks.registry`)."""
+    from restransfer.tasks.registry import TASKS
+
+    task = TASKS[config.task]
     source = config.data.source
     if ":" in source and source.split(":", 1)[0] in ("tfds", "sklearn"):
         return []
     path = Path(source)
-    if config.task == "segmentation":
-        if path.is_dir():
-            from restransfer.data.masks import IMAGE_DIRS, MASK_DIRS
-            from restransfer.data.splits import find_split_dir
-
-            root = find_split_dir(path, "train") or path
-            names = {d.name for d in root.iterdir() if d.is_dir()}
-            if not (names & set(IMAGE_DIRS) and names & set(MASK_DIRS)):
-                return [f"data.source: {root} needs images/ and masks/ sub-folders for segmentation "
-                        f"(images/<id>.jpg + masks/<id>.png); it has {sorted(names)}"]
-        return []
+    if task.targets == "masks":
+        return _mask_layout_problems(path)
     if path.is_dir():
         root, classes = _class_folders(path)
         where = f"{root}"
@@ -64,18 +73,19 @@ def data_problems(config: RecipeConfig) -> list[str]:
             return []
     else:
         return []
-    if config.task != "multilabel" and len(classes) < 2:
+    if len(classes) < task.min_classes:
         found = f"one class ({classes[0]!r})" if classes else "no class folders"
-        return [f"data.source: {where} has {found}: a classifier needs at least two "
+        return [f"data.source: {where} has {found}: a classifier needs at least {task.min_classes} "
                 f"(expected {root if path.is_dir() else path}/<class>/<image>)"]
     problems = []
-    if config.task == "medical" and len(classes) == 2:
-        positive = config.medical.positive_class
+    if task.positive_class and len(classes) == 2:
+        section = task.section
+        positive = getattr(config, section).positive_class
         if positive is None:
-            problems.append(f"medical.positive_class: a binary medical task needs its positive class, one of {classes} "
-                            f"(the class whose detection sensitivity measures)")
+            problems.append(f"{section}.positive_class: a binary {config.task} task needs its positive class, one of "
+                            f"{classes} (the class whose detection sensitivity measures)")
         elif positive not in classes:
-            problems.append(f"medical.positive_class: {positive!r} is not one of the classes {classes} ({where})")
+            problems.append(f"{section}.positive_class: {positive!r} is not one of the classes {classes} ({where})")
     return problems
 
 

@@ -92,9 +92,17 @@ def test_skipped_files_are_recorded_everywhere_and_evaluate_warns_about_training
 
 
 REFUSALS = {
-    "one class": ("data: {{source: {one_class}}}\n", "has one class ('only'): a classifier needs at least two"),
+    "one class": ("data: {{source: {one_class}}}\n", "has one class ('only'): a classifier needs at least 2"),
     "no positive class": ("task: medical\ndata: {{source: {two_classes}}}\n",
                           "a binary medical task needs its positive class, one of ['a', 'b']"),
+    # what each task needs of its recipe and data (its entry in tasks/registry.py), checked by code naming no task
+    "segmentation without masks": ("task: segmentation\ndata: {{source: {two_classes}}}\n",
+                                   "needs images/ and masks/ sub-folders"),
+    "a head for segmentation": ("task: segmentation\nhead: {{dropout: 0.3}}\ndata: {{source: {two_classes}}}\n",
+                                "a segmentation model has none (its own options, the decoder's included, are in the "
+                                "recipe's segmentation: section)"),
+    "cross-validation of multi-label": ("task: multilabel\ndata: {{source: {two_classes}, cv_folds: 2}}\n",
+                                        "is for single-label tasks, not multilabel"),
     "offline imagenet weights": ("backbone: {{name: resnet18, weights: imagenet}}\ndata: {{source: {two_classes}}}\n",
                                  "resnet18.torchvision_v1: resnet18-f37072fd.pth is not cached"),
 }
