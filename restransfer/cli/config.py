@@ -223,11 +223,9 @@ class RecipeConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        from restransfer.tasks.registry import default_augmentation
-
         task = TASKS[self.task]
         if self.data.augmentation is None:  # the task's own default, written into the resolved recipe
-            self.data.augmentation = default_augmentation(self.task)
+            self.data.augmentation = task.augmentation
         if not task.has_head and "head" in self.model_fields_set:
             raise ValueError(f"head: configures a classifier's head; a {self.task} model has none (its own "
                              f"options, the decoder's included, are in the recipe's {task.section}: section)")

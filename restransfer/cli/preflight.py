@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 
 from restransfer.cli.config import RecipeConfig
+from restransfer.tasks.registry import TASKS
 
 NOT_CHECKED = ("not checked without TensorFlow: that each image (and mask) decodes and fits; "
                "`restransfer train` checks them before its first epoch, before training anything")
@@ -55,8 +56,6 @@ def _mask_layout_problems(path: Path) -> list[str]:
 def data_problems(config: RecipeConfig) -> list[str]:
     """What the data's layout and classes already say is wrong for the task (what the task
     needs of its data: its entry in :mod:`restransfer.tasks.registry`)."""
-    from restransfer.tasks.registry import TASKS
-
     task = TASKS[config.task]
     source = config.data.source
     if ":" in source and source.split(":", 1)[0] in ("tfds", "sklearn"):
