@@ -172,8 +172,17 @@ def cmd_train(args) -> int:
     problems = preflight(config, overwrite=args.overwrite, resume=args.resume)
     if problems:
         raise RecipeError([f"{args.recipe}: {p}" for p in problems])
-    _quiet_tensorflow()
     from restransfer.cli import runs
+
+    run_dir = runs.run_directory(config)
+    if args.resume and config.training.distribute != "multi_worker" and runs.run_is_complete(config, run_dir):
+        # a finished run answers before TensorFlow loads (a multi-worker run's workers decide
+        # under their strategy, in runs.train)
+        with runs.RunLock(run_dir):
+            finished = runs.said_complete(config, run_dir)
+        if finished:
+            return _train_answer(args, run_dir)
+    _quiet_tensorflow()
     from restransfer.training.interrupts import latch_ctrl_c
 
     try:
@@ -187,6 +196,10 @@ def cmd_train(args) -> int:
                 else "no epoch was complete yet")
         print(f"\ninterrupted: {what}; continue with: {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return _train_answer(args, run_dir)
+
+
+def _train_answer(args, run_dir: Path) -> int:
     if args.json:
         metrics_file = run_dir / "metrics.json"  # absent on a multi-worker run's other workers
         print(json.dumps({"run_dir": str(run_dir),

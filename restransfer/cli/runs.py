@@ -256,10 +256,7 @@ def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="aut
             print(f"worker {recipe.worker.index} of {recipe.worker.count} done; the chief writes {run_dir}")
         return run_dir
     with RunLock(run_dir):  # before anything in the run directory is touched
-        if resume and run_is_complete(config, run_dir):
-            print(f"run {run_dir} is complete: model.keras, metrics.json, report.html"
-                  + (" and the export" if config.export.enabled and not config.data.cv_folds else "")
-                  + " are there; nothing to resume (--overwrite starts it again)")
+        if resume and said_complete(config, run_dir):
             return run_dir
         prepare_run_dir(run_dir, overwrite, resume)
         check_free_space(run_dir, config)
@@ -276,6 +273,16 @@ def train(recipe_path, overrides=(), overwrite=False, resume=False, verbose="aut
         _train_single(config, recipe, splits, run_dir, resume, verbose)
     print(f"run directory: {run_dir}")
     return run_dir
+
+
+def said_complete(config: RecipeConfig, run_dir: Path) -> bool:
+    """--resume of a run whose files are all there: says so (nothing is redone or rewritten)."""
+    if not run_is_complete(config, run_dir):
+        return False
+    print(f"run {run_dir} is complete: model.keras, metrics.json, report.html"
+          + (" and the export" if config.export.enabled and not config.data.cv_folds else "")
+          + " are there; nothing to resume (--overwrite starts it again)")
+    return True
 
 
 def run_is_complete(config: RecipeConfig, run_dir: Path) -> bool:

@@ -9,18 +9,28 @@ from test_runs import train_cli
 
 
 def test_medical_cross_validation_reports_per_fold_and_resumes_fold_by_fold(tmp_path):
-    """recipes/brain_mri.yaml (2 folds, small): killed (kill -9) inside fold 2, resumed: fold 1
-    is read back, not retrained, fold 2 continues from its last epoch and logs each epoch once;
+    """recipes/brain_mri.yaml (2 folds, small, 72 of its images): killed (kill -9) inside fold 2,
+    resumed: fold 1 is read back, not retrained, fold 2 continues from its last epoch and logs each epoch once;
     then each fold has its clinical figures and Grad-CAM, and the run page the mean +- sd.
     A --resume of the finished run retrains nothing."""
     from conftest import SHARED, require_shared
 
-    require_shared(SHARED / "data" / "brain_mri")
-    overrides = ["data.cv_folds=2", "fine_tune=[{trainable: all, epochs: 2, lr: 0.002}]", "input.image_size=32",
-                 "backbone.weights=null", "medical.gradcam_images=1", f"output_dir={tmp_path}"]
+    import shutil
+
+    source = require_shared(SHARED / "data" / "brain_mri")
+    # 36 real files of each class (of 98 and 155): what is checked is the folds, not the figures,
+    # and the data's decoding is most of the run's time
+    subset = tmp_path / "brain_mri"
+    for label in ("no_tumor", "tumor"):
+        (subset / label).mkdir(parents=True)
+        for path in sorted((source / label).iterdir())[:36]:
+            shutil.copy(path, subset / label / path.name)
+    overrides = [f"data.source={subset}", "data.cv_folds=2", "fine_tune=[{trainable: all, epochs: 2, lr: 0.002}]",
+                 "input.image_size=32",
+                 "backbone.weights=null", "medical.gradcam_images=1", f"output_dir={tmp_path / 'runs'}"]
     settings = [arg for item in overrides for arg in ("--set", item)]
     recipe = str(REPO / "recipes" / "brain_mri.yaml")
-    run_dir = tmp_path / "brain_mri"
+    run_dir = tmp_path / "runs" / "brain_mri"
     fold2_state = run_dir / "fold2" / "checkpoints" / "state.json"
     process = train_cli(recipe, *settings)
     deadline = time.time() + 600
