@@ -126,16 +126,24 @@ def cmd_quickstart(args) -> int:
     return EXIT_OK
 
 
-def _load_recipe(path, unsafe: bool):
-    """A .keras model file, or a run directory (its model.keras), as the recipe of its task."""
-    from restransfer.tasks.base import load
-
+def _model_file(path) -> Path:
+    """A .keras model file, or a run directory's model.keras: checked before TensorFlow loads,
+    so a wrong path is said at once."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
         raise FileNotFoundError(f"no model at {path} (give a .keras file or a run directory)")
-    return load(path, safe_mode=not unsafe)
+    return path
+
+
+def _load_recipe(path, unsafe: bool):
+    """A .keras model file, or a run directory (its model.keras), as the recipe of its task."""
+    model_file = _model_file(path)
+    _quiet_tensorflow()
+    from restransfer.tasks.base import load
+
+    return load(model_file, safe_mode=not unsafe)
 
 
 def cmd_validate(args) -> int:
@@ -228,10 +236,9 @@ def cmd_predict(args) -> int:
     """The model's answer for each file (its task's: classes and probabilities, or a mask and
     an overlay written to --out). Files that cannot be read are reported one line each, in
     plain words; the others are answered; the exit code is 1 when any file failed."""
-    _quiet_tensorflow()
+    recipe = _load_recipe(args.model, args.unsafe)
     from restransfer.data.decoding import check_image
 
-    recipe = _load_recipe(args.model, args.unsafe)
     results, failed = [], []
     for index, path in enumerate(args.images):
         reason = check_image(path, **recipe.decode_options) if os.path.isfile(path) else "no such file"
@@ -274,7 +281,6 @@ def _overlap_with_training(model_path: str, data) -> dict | None:
 
 
 def cmd_evaluate(args) -> int:
-    _quiet_tensorflow()
     recipe = _load_recipe(args.model, args.unsafe)
     data = recipe._as_data(args.data, split="test")
     overlap = _overlap_with_training(args.model, data)
@@ -328,7 +334,6 @@ def _run_part(model_path: str, recipe, split: str):
 
 
 def cmd_export(args) -> int:
-    _quiet_tensorflow()
     recipe = _load_recipe(args.model, args.unsafe)
     if args.format == "saved_model":
         directory = recipe.export(args.out, model_name=args.name, version=args.version, top_k=args.top_k,
