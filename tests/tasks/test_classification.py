@@ -45,7 +45,8 @@ def test_array_input_and_multi_label(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (24, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, (24, 3)).astype("float32")
-    recipe = small_recipe(multi_label=True, class_names=["a", "b", "c"], val_fraction=0.25)
+    recipe = small_recipe(multi_label=True, class_names=["a", "b", "c"], val_fraction=0.25,
+                          phases=[Phase("all", epochs=1, lr=1e-3)])  # a second phase adds nothing here
     recipe.fit((images, labels), verbose=0)
     probabilities = recipe.predict(images[:2])
     assert probabilities.shape == (2, 3)
