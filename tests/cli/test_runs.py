@@ -119,9 +119,12 @@ def test_digits_recipe_run_directory_report_ctrl_c_and_resume(tmp_path):
     # a finished run is recognised from its files: nothing in it is redone or rewritten (a time
     # bound stood here, and failed on a loaded 2-core machine where TensorFlow's import alone took 20 s)
     written = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
-    complete = subprocess.run([sys.executable, "-m", "restransfer", "train", recipe, *settings, "--resume"],
-                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert complete.returncode == 0 and "is complete" in complete.stdout
+    probe = ("import sys; from restransfer.cli import main\n"
+             f"code = main(['train', *{[recipe, *settings, '--resume']!r}]); print(code, 'tensorflow' in sys.modules)")
+    complete = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+    assert complete.stdout.split()[-2:] == ["0", "False"], complete.stdout + complete.stderr[-2000:]
+    assert "is complete" in complete.stdout, "said before TensorFlow loads"
     assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == written, "a finished run is not redone"
 
 
