@@ -111,27 +111,27 @@ def write_pairs(root, count, channels, classes, seed, ignore=None):
 
 
 # The modules that take longest go to the workers first, so no long module is left running
-# alone at the end (longest-processing-time-first; seconds measured on 2 cores, -n 2, at
-# e389662). xdist would otherwise order modules by their number of tests (many quick ones
-# first): ``--no-loadscope-reorder`` in pyproject.toml keeps this order. Order only: every
-# test still runs.
-LONGEST_FIRST = ["training/test_distribute.py",       # 180 s
-                 "serving/test_portable.py",          # 166
-                 "training/test_training.py",         # 148
-                 "tasks/test_segmentation.py",        # 123
-                 "tasks/test_classification.py",      # 113
-                 "cli/test_resume_matrix.py",         # 111
-                 "serving/test_decision_rule.py",     # 103
-                 "cli/test_segmentation_run.py",      # 87
-                 "cli/test_runs.py",                  # 83
-                 "cli/test_cross_validation.py",      # 62
-                 "serving/test_export.py",            # 57
-                 "models/test_presets.py",            # 52
-                 "serving/test_image_contract.py",    # 51
-                 "evaluation/test_report_browser.py", # 51
-                 "cli/test_cli.py",                   # 44
-                 "cli/test_newcomer.py",              # 40
-                 "tasks/test_medical_recipe.py"]      # 38
+# alone at the end (longest-processing-time-first; seconds measured with three workers on 2
+# cores, a fresh clone of 34b45fa). xdist would otherwise order modules by their number of tests
+# (many quick ones first): ``--no-loadscope-reorder`` in pyproject.toml keeps this order. Order
+# only: every test still runs.
+LONGEST_FIRST = ["training/test_training.py",         # 386 s
+                 "tasks/test_segmentation.py",        # 303
+                 "training/test_distribute.py",       # 264
+                 "cli/test_resume_matrix.py",         # 246
+                 "serving/test_decision_rule.py",     # 220
+                 "serving/test_portable.py",          # 218
+                 "tasks/test_classification.py",      # 205
+                 "cli/test_segmentation_run.py",      # 184
+                 "cli/test_runs.py",                  # 165
+                 "cli/test_cross_validation.py",      # 135
+                 "serving/test_image_contract.py",    # 115
+                 "cli/test_cli.py",                   # 113
+                 "serving/test_export.py",            # 99
+                 "models/test_presets.py",            # 94
+                 "evaluation/test_report_browser.py", # 88
+                 "cli/test_newcomer.py",              # 86
+                 "tasks/test_medical_recipe.py"]      # 76
 
 
 def pytest_collection_modifyitems(items):
