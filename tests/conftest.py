@@ -38,6 +38,23 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+def cli_in_fresh_process(args, env=None, timeout=300):
+    """``restransfer.cli.main(args)`` in a new Python: (exit code, whether TensorFlow was
+    loaded, seconds, the completed process); (None, None, None, process) if it printed no answer."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, time; started = time.perf_counter(); from restransfer.cli import main\n"
+             f"code = main({list(map(str, args))!r}); "
+             "print(code, 'tensorflow' in sys.modules, round(time.perf_counter() - started, 2))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=timeout)
+    fields = result.stdout.split()[-3:]
+    if len(fields) != 3 or not fields[0].lstrip("-").isdigit():
+        return None, None, None, result
+    return int(fields[0]), fields[1] == "True", float(fields[2]), result
+
+
 def write_image(path: Path, array: np.ndarray, **save_args) -> Path:
     from PIL import Image
 

@@ -8,7 +8,7 @@ import time
 
 from restransfer import cli
 
-from conftest import REPO
+from conftest import REPO, cli_in_fresh_process
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -45,10 +45,8 @@ def test_bad_usage_exits_2():
     assert result.returncode == 2 and "nonexistent" in result.stderr
     for command in ("predict", "evaluate", "export"):  # a wrong model path is said before TensorFlow loads
         extra = {"predict": ["x.jpg"], "evaluate": ["--data", "x"], "export": ["--out", "x"]}[command]
-        probe = ("import sys; from restransfer.cli import main\n"
-                 f"code = main({[command, '/nonexistent/model.keras', *extra]!r}); print(code, 'tensorflow' in sys.modules)")
-        checked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=ENV)
-        assert checked.stdout.split() == ["2", "False"] and "/nonexistent/model.keras" in checked.stderr, checked
+        code, tensorflow_loaded, _, checked = cli_in_fresh_process([command, "/nonexistent/model.keras", *extra], env=ENV)
+        assert (code, tensorflow_loaded) == (2, False) and "/nonexistent/model.keras" in checked.stderr, checked
 
 
 def test_quickstart_fine_tunes_and_exports(tmp_path, capsys):

@@ -20,7 +20,7 @@ from restransfer import cli
 from restransfer.cli import runs
 from restransfer.cli.config import load_recipe
 
-from conftest import REPO, require_shared, write_image
+from conftest import REPO, cli_in_fresh_process, require_shared, write_image
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -118,14 +118,10 @@ def test_refusals_that_need_no_training_come_before_tensorflow_and_leave_nothing
     recipe = recipe_file(tmp_path, body.format(one_class=tmp_path / "one_class", two_classes=tmp_path / "two_classes")
                          + ("backbone: {name: resnet18, weights: null}\n" if "weights" not in body else "")
                          + f"output_dir: {tmp_path / 'runs'}\n")
-    probe = ("import sys, time; started = time.perf_counter(); from restransfer.cli import main\n"
-             f"code = main(['train', {str(recipe)!r}]); print(code, 'tensorflow' in sys.modules, "
-             "round(time.perf_counter() - started, 2))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
-                            env={**ENV, "RESTRANSFER_CACHE": str(tmp_path / "empty_cache")}, timeout=120)
-    code, tensorflow_loaded, seconds = result.stdout.split()
-    assert code == "2" and tensorflow_loaded == "False", result.stderr
-    assert float(seconds) < 3.0
+    code, tensorflow_loaded, seconds, result = cli_in_fresh_process(
+        ["train", recipe], env={**ENV, "RESTRANSFER_CACHE": str(tmp_path / "empty_cache")}, timeout=120)
+    assert code == 2 and tensorflow_loaded is False, result.stderr
+    assert seconds < 3.0
     assert message in result.stderr and f"{recipe}:" in result.stderr
     assert not (tmp_path / "runs").exists(), "nothing is written by a refused start"
     validated = subprocess.run([sys.executable, "-m", "restransfer", "validate", str(recipe)], capture_output=True,

@@ -17,7 +17,7 @@ from restransfer import cli
 from restransfer.cli import runs
 from restransfer.cli.config import load_recipe
 
-from conftest import REPO
+from conftest import REPO, cli_in_fresh_process
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -119,11 +119,8 @@ def test_digits_recipe_run_directory_report_ctrl_c_and_resume(tmp_path):
     # a finished run is recognised from its files: nothing in it is redone or rewritten (a time
     # bound stood here, and failed on a loaded 2-core machine where TensorFlow's import alone took 20 s)
     written = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
-    probe = ("import sys; from restransfer.cli import main\n"
-             f"code = main(['train', *{[recipe, *settings, '--resume']!r}]); print(code, 'tensorflow' in sys.modules)")
-    complete = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True,
-                              timeout=300)
-    assert complete.stdout.split()[-2:] == ["0", "False"], complete.stdout + complete.stderr[-2000:]
+    code, tensorflow_loaded, _, complete = cli_in_fresh_process(["train", recipe, *settings, "--resume"], env=ENV)
+    assert (code, tensorflow_loaded) == (0, False), complete.stdout + complete.stderr[-2000:]
     assert "is complete" in complete.stdout, "said before TensorFlow loads"
     assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == written, "a finished run is not redone"
 
