@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.graph import traced
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".dcm", ".dicom", ".nii", ".nii.gz")
 SERVED_FORMATS = ("JPEG", "PNG", "GIF (first frame)", "BMP", "WebP")
@@ -183,7 +185,7 @@ def graph_decoder(channels: int, keep_precision: bool, normalize: str | None = N
     its loops would cost ~0.1 s per file): for load_image and every tf.data pipeline."""
     import tensorflow as tf
 
-    return tf.function(lambda encoded: decode_image_bytes(encoded, channels, keep_precision, normalize),
+    return traced(lambda encoded: decode_image_bytes(encoded, channels, keep_precision, normalize),
                        input_signature=[tf.TensorSpec([], tf.string)])
 
 

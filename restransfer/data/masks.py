@@ -25,6 +25,7 @@ import numpy as np
 from restransfer.data.decoding import IMAGE_EXTENSIONS, first_line, inspect_image
 from restransfer.data.sources import ImageData, apply_policy, resolve_keep_precision
 from restransfer.data.splits import find_split_dir, split_folder
+from restransfer.graph import plain
 
 log = logging.getLogger("restransfer.data")
 
@@ -311,8 +312,8 @@ def from_tfds_masks(name: str, split: str = "train", data_dir: str | None = None
     ds, _ = load_tfds(name, split, data_dir, download, skip_decoding=(image_key, mask_key))
     count = int(ds.cardinality())
     return ImageData(labels=np.zeros(count, np.int32), class_names=list(class_names),
-                     encoded=ds.map(lambda example: example[image_key]),
-                     encoded_masks=ds.map(lambda example: example[mask_key]), channels=channels,
+                     encoded=ds.map(plain(lambda example: example[image_key])),
+                     encoded_masks=ds.map(plain(lambda example: example[mask_key])), channels=channels,
                      ignore_index=ignore_index, mask_values=dict(mask_values) if mask_values else None)
 
 

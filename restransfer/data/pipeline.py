@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from restransfer.data.decoding import resize_image, resize_mask
+from restransfer.graph import plain
 
 log = logging.getLogger("restransfer.data")
 
@@ -50,7 +51,7 @@ def resized_pixels(data, image_size: int, quantised: bool = False, limit: int = 
         pixels = np.empty((len(data), image_size, image_size, data.channels), dtype)
         masks = np.empty((len(data), image_size, image_size), np.uint8) if spatial else None
         start = 0
-        for images, targets in data.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+        for images, targets in data.dataset.map(plain(prepare), num_parallel_calls=tf.data.AUTOTUNE,
                                                 deterministic=True).batch(64):
             pixels[start: start + len(images)] = images.numpy()
             if spatial:  # masks come along, resized by nearest neighbour once too
@@ -144,8 +145,8 @@ def make_pipeline(
 
     if not training:
         if pixels is not None:
-            return tf.data.Dataset.range(len(data)).batch(batch_size).map(fetch_batch).prefetch(tf.data.AUTOTUNE)
-        return data.dataset.map(resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
+            return tf.data.Dataset.range(len(data)).batch(batch_size).map(plain(fetch_batch)).prefetch(tf.data.AUTOTUNE)
+        return data.dataset.map(plain(resize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) \
             .batch(batch_size).prefetch(tf.data.AUTOTUNE)
     channels = data.channels
 
@@ -177,21 +178,21 @@ def make_pipeline(
             image_seeds = seed * 1_000_003 + epoch * 100_003 + order
             if pixels is not None:
                 return tf.data.Dataset.from_tensor_slices((order, image_seeds)).batch(batch_size).map(
-                    fetch_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                    plain(fetch_batch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return tf.data.Dataset.from_tensor_slices((order, image_seeds)).map(
-                lambda i, s: resize(*fetch(i), s), num_parallel_calls=tf.data.AUTOTUNE,
+                plain(lambda i, s: resize(*fetch(i), s)), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).batch(batch_size)
 
         last = start_epoch + epochs if epochs is not None else 2**31
-        ds = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch)
+        ds = tf.data.Dataset.range(start_epoch, last).flat_map(plain(one_epoch))
     else:  # streamed sources (TFDS): seeded shuffle, not reproducible across a resume
         ds = data.dataset if shard is None else data.dataset.shard(*shard)
         ds = ds.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
-        ds = ds.map(lambda item, s: resize(item[0], item[1], s), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(plain(lambda item, s: resize(item[0], item[1], s)), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).repeat()
     if active:
-        ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(plain(augment_batch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        ds = ds.map(lambda images, labels, _: (images, labels))
+        ds = ds.map(plain(lambda images, labels, _: (images, labels)))
     return ds.prefetch(tf.data.AUTOTUNE)

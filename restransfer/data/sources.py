@@ -20,6 +20,7 @@ import numpy as np
 
 from restransfer.data.decoding import IMAGE_EXTENSIONS, first_line, load_image
 from restransfer.data.splits import find_split_dir, split_folder
+from restransfer.graph import plain
 
 log = logging.getLogger("restransfer.data")
 
@@ -189,17 +190,17 @@ class ImageData:
             def decode_bytes(encoded):
                 return tf.ensure_shape(decode_image_bytes(encoded, channels, keep, normalize), [None, None, channels])
 
-            images = self.encoded.map(decode_bytes, num_parallel_calls=tf.data.AUTOTUNE)
+            images = self.encoded.map(plain(decode_bytes), num_parallel_calls=tf.data.AUTOTUNE)
             if self.encoded_masks is not None:
                 from restransfer.data.masks import decode_mask_bytes
 
                 mapping = self.mask_values
-                masks = self.encoded_masks.map(lambda encoded: decode_mask_bytes(encoded, mapping),
+                masks = self.encoded_masks.map(plain(lambda encoded: decode_mask_bytes(encoded, mapping)),
                                                num_parallel_calls=tf.data.AUTOTUNE)
                 return tf.data.Dataset.zip(images, masks)
             return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(self.labels))
         return tf.data.Dataset.range(len(self)).map(
-            self.fetcher(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            plain(self.fetcher()), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def image_stats(image: np.ndarray) -> tuple:
@@ -473,9 +474,9 @@ def from_tfds(name: str, split: str = "train", data_dir: str | None = None,
     the error comes at once instead of after TFDS' minutes of retries."""
     ds, info = load_tfds(name, split, data_dir, download, skip_decoding=(image_key,))
     label_feature = info.features[label_key]
-    labels = np.fromiter(ds.map(lambda ex: ex[label_key]).as_numpy_iterator(), dtype=np.int32)
+    labels = np.fromiter(ds.map(plain(lambda ex: ex[label_key])).as_numpy_iterator(), dtype=np.int32)
     return ImageData(labels=labels, class_names=list(label_feature.names),
-                     encoded=ds.map(lambda ex: ex[image_key]), channels=channels)
+                     encoded=ds.map(plain(lambda ex: ex[image_key])), channels=channels)
 
 
 def load_tfds(name: str, split: str, data_dir: str | None, download: bool, skip_decoding=("image",)):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from restransfer.graph import plain
+
 RULES = ("argmax", "threshold", "per_label")
 
 
@@ -113,7 +115,7 @@ def model_probabilities(model, images, test_time_augmentation: bool = False, bat
     results = []
     for view in _views(test_time_augmentation):
         if isinstance(images, tf.data.Dataset):
-            results.append(model.predict(images.map(view), verbose=0))
+            results.append(model.predict(images.map(plain(view)), verbose=0))
         else:
             pixels = np.asarray(view(tf.constant(images, tf.float32)))
             results.append(model.predict(pixels, batch_size=batch_size, verbose=0))

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.graph import plain, traced
+
 PARITY_TOLERANCE = 1e-5
 
 
@@ -73,18 +75,18 @@ def _serving_module(model, class_names, image_size, channels, top_k, decision, k
                 "prediction_names": decided_names,
             }
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
+        @traced(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
         def predict_images(self, images):
             same = tf.logical_and(tf.shape(images)[1] == image_size, tf.shape(images)[2] == image_size)
             pixels = tf.cond(same, lambda: images, lambda: resize_image(images, image_size))
             return self._outputs(pixels)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        @traced(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(self, image_bytes):
             def decode(encoded):
                 return resize_image(decode_image_bytes(encoded, channels, keep_precision, normalize), image_size)
 
-            pixels = tf.map_fn(decode, image_bytes,
+            pixels = tf.map_fn(plain(decode), image_bytes,
                                fn_output_signature=tf.TensorSpec([image_size, image_size, channels], tf.float32))
             return self._outputs(pixels)
 

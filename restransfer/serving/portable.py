@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.graph import traced
 from restransfer.models.precision import compute_dtypes, float32_twin
 from restransfer.serving.export import staged_version, write_card, write_labels
 
@@ -72,7 +73,7 @@ def reference_pixels(path, image_size: int, channels: int = 3) -> np.ndarray:
 def _concrete_function(outputs_fn, image_size: int, channels: int):
     import tensorflow as tf
 
-    function = tf.function(outputs_fn, input_signature=[
+    function = traced(outputs_fn, input_signature=[
         tf.TensorSpec([None, image_size, image_size, channels], tf.float32, name="pixels")])
     return function, function.get_concrete_function()
 

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from restransfer.graph import plain, traced
 from restransfer.serving.export import (PARITY_TOLERANCE, staged_version, warmup_samples, write_card, write_labels,
                                         write_warmup_requests)
 
@@ -37,7 +38,7 @@ def _serving_module(model, image_size: int, channels: int, decision, keep_precis
             image_probabilities, size = args
             return tf.io.encode_png(masks_at_size(image_probabilities, size[0], size[1], decision)[..., None])
 
-        pngs = tf.map_fn(encode, (probabilities, sizes), fn_output_signature=tf.TensorSpec([], tf.string))
+        pngs = tf.map_fn(plain(encode), (probabilities, sizes), fn_output_signature=tf.TensorSpec([], tf.string))
         return {"probabilities": probabilities, "mask_png_bytes": pngs, "mask_sizes": sizes}
 
     class ServingModule(tf.Module):
@@ -45,17 +46,17 @@ def _serving_module(model, image_size: int, channels: int, decision, keep_precis
             super().__init__()
             self.model = model
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        @traced(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(self, image_bytes):
             def decode(encoded):
                 image = decode_image_bytes(encoded, channels, keep_precision, normalize)
                 return resize_image(image, image_size), tf.shape(image)[:2]
 
-            pixels, sizes = tf.map_fn(decode, image_bytes, fn_output_signature=(
+            pixels, sizes = tf.map_fn(plain(decode), image_bytes, fn_output_signature=(
                 tf.TensorSpec([image_size, image_size, channels], tf.float32), tf.TensorSpec([2], tf.int32)))
             return outputs(pixels, sizes, tf.cast(self.model(pixels, training=False), tf.float32))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
+        @traced(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
         def predict_images(self, images):
             shape = tf.shape(images)
             sizes = tf.tile(shape[None, 1:3], [shape[0], 1])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from restransfer import data as data_lib
+from restransfer.graph import plain
 from restransfer.models.decision import DecisionRule, model_probabilities
 from restransfer.models.heads import ClassifierHead, find_head
 from restransfer.tasks.base import COMMON_ARGUMENTS, Recipe, is_tf_dataset
@@ -124,7 +125,7 @@ class ClassificationRecipe(Recipe):
     def predict_dataset(self, data) -> np.ndarray:
         """Probabilities for every image of labelled data (folder, ImageData, ...), in order."""
         source = data if is_tf_dataset(data) else self._as_data(data, split="test")
-        images_only = self._pipeline(source, training=False).map(lambda x, *_: x)
+        images_only = self._pipeline(source, training=False).map(plain(lambda x, *_: x))
         return model_probabilities(self._require_model(), images_only, self.decision.test_time_augmentation)
 
     def decide(self, probabilities) -> list:

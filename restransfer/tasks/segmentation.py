@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from restransfer import data as data_lib
+from restransfer.graph import plain
 from restransfer.models.heads import find_head
 from restransfer.models.unet import DECODER_WIDTHS, MaskDecision, SegmentationHead, masks_at_size, unet_outputs
 from restransfer.tasks.base import COMMON_ARGUMENTS, Recipe, is_tf_dataset
@@ -125,7 +126,7 @@ class SegmentationRecipe(Recipe):
         image of ``data``, at the images' own sizes."""
         model, decision = self._require_model(), self.decision
         originals = data.dataset
-        batches = self._pipeline(data, training=False).map(lambda images, _: images)
+        batches = self._pipeline(data, training=False).map(plain(lambda images, _: images))
         decided, truths, images, foreground = [], [], [], []
         originals_iterator = iter(originals)
         for batch in batches:

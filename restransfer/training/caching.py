@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from restransfer.graph import plain, traced
+
 
 class FeatureCache:
     def __init__(self, data, image_size: int, batch_size: int, augmentation=None, views: int = 1,
@@ -141,9 +143,9 @@ class FeatureCache:
             order = epoch_order(count, self.seed, epoch)
             view = tf.cast(epoch % views, tf.int64)
             return tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size).map(
-                lambda batch_order: batch_of(view, batch_order))
+                plain(lambda batch_order: batch_of(view, batch_order)))
 
-        return tf.data.Dataset.range(start_epoch, 2**31).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.range(start_epoch, 2**31).flat_map(plain(one_epoch)).prefetch(tf.data.AUTOTUNE)
 
 
 def compiled_forward(backbone):
@@ -151,4 +153,4 @@ def compiled_forward(backbone):
     memory (measured: 6.0 GB vs 1.5 GB peak RSS for ResNet-50 at 224 px)."""
     import tensorflow as tf
 
-    return tf.function(lambda images: backbone(images, training=False), reduce_retracing=True)
+    return traced(lambda images: backbone(images, training=False), reduce_retracing=True)

@@ -36,6 +36,7 @@ import keras
 import numpy as np
 
 from restransfer import devices
+from restransfer.graph import traced
 
 STRATEGIES = ("auto", "none", "mirrored", "multi_worker")
 LR_SCALING = ("linear", "none")
@@ -170,7 +171,7 @@ def batchnorm_averager(model, strategy):
         for variable, mean in zip(statistics, means):
             variable.assign(mean)
 
-    run = tf.function(lambda: strategy.run(average))
+    run = traced(lambda: strategy.run(average))
     return run if statistics else (lambda: None)
 
 
@@ -248,7 +249,7 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return value, global_count, labels, probabilities
 
-    @tf.function
+    @traced
     def train_step(iterator):
         value, count, labels, probabilities = strategy.run(replica_step, args=next(iterator))
         value = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -258,7 +259,7 @@ def fit_multi_worker(strategy, model, train_ds, *, loss, metrics, epochs, initia
         for metric in metrics:
             metric.update_state(labels, probabilities)
 
-    @tf.function
+    @traced
     def val_step(images, labels):
         labels = tf.cast(labels, "float32")
         probabilities = tf.cast(model(images, training=False), "float32")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from restransfer.graph import plain
+
 
 def one_hot_labels(ds, num_classes: int):
     """Batched (images, class ids) -> (images, one-hot); already one-hot data is unchanged.
@@ -13,7 +15,7 @@ def one_hot_labels(ds, num_classes: int):
     label_shape = ds.element_spec[1].shape
     if label_shape.rank == 2 and label_shape[-1] == num_classes and num_classes > 1:
         return ds
-    return ds.map(lambda x, y: (x, tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), num_classes)))
+    return ds.map(plain(lambda x, y: (x, tf.one_hot(tf.reshape(tf.cast(y, tf.int32), [-1]), num_classes))))
 
 
 def loss_and_metrics(multi_label: bool, label_smoothing: float = 0.0, focal_gamma: float | None = None):
@@ -57,7 +59,7 @@ def apply_mixup(ds, alpha: float, seed: int, phase_index: int = 0, first_step: i
         return (images * image_share + tf.gather(images, partner) * (1 - image_share),
                 labels * share[:, None] + tf.gather(labels, partner) * (1 - share[:, None]))
 
-    return ds.enumerate(start=first_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.enumerate(start=first_step).map(plain(mix), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --- segmentation ---------------------------------------------------------------------------
