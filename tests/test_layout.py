@@ -11,7 +11,7 @@ import restransfer
 
 PACKAGE = Path(restransfer.__file__).parent
 # lowest first; a module may import its own package and any package earlier in this list
-LAYERS = ["paths", "net", "devices", "suggest", "data", "models", "training", "evaluation", "serving", "tasks", "cli"]
+LAYERS = ["paths", "net", "devices", "graph", "suggest", "data", "models", "training", "evaluation", "serving", "tasks", "cli"]
 
 
 def restransfer_imports(path: Path):
@@ -82,3 +82,33 @@ def test_the_shared_machinery_names_no_task(path):
     tasks/registry.py); the shared packages ask the task, never compare its name."""
     branches = _task_name_comparisons(path)
     assert not branches, f"{path.relative_to(PACKAGE)} branches on a task's name: {branches}"
+
+
+def _autographed_calls(path: Path) -> list[str]:
+    """``tf.function(...)``, and ``.map`` / ``.flat_map`` / ``tf.map_fn`` given a function not
+    wrapped in ``plain(...)`` (thread pools' ``.map`` aside): calls that would hand restransfer's
+    code to AutoGraph."""
+    def wrapped(node):
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "plain"
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        receiver = ast.unparse(node.func.value)
+        if node.func.attr == "function" and receiver == "tf":
+            found.append(f"line {node.lineno}: tf.function")
+        elif (node.func.attr in ("map", "flat_map") and "pool" not in receiver) or \
+                (node.func.attr == "map_fn" and receiver == "tf"):
+            if node.args and not wrapped(node.args[0]):
+                found.append(f"line {node.lineno}: {receiver}.{node.func.attr}({ast.unparse(node.args[0])})")
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in PACKAGE.rglob("*.py") if p.name != "graph.py"],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_graph_code_is_traced_without_autograph(path):
+    """restransfer.graph: AutoGraph's source rewrite found nothing to convert in restransfer's
+    graph code and cost ~1.5 s of a fresh process's first fit, evaluation and export."""
+    calls = _autographed_calls(path)
+    assert not calls, f"{path.relative_to(PACKAGE)}: use restransfer.graph.traced / plain: {calls}"
