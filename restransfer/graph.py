@@ -3,7 +3,7 @@
 AutoGraph rewrites a traced function's Python ``if``/``for`` on tensors into graph control
 flow by parsing and recompiling its source, once per function per process. restransfer's
 graph code writes its control flow explicitly (``tf.cond``, ``tf.map_fn``, Python branches on
-Python values only), so that rewrite finds nothing to do and only costs time: ~1.5 s of a
+Python values only), so that rewrite finds nothing to do and only costs time: ~1.6 s of a
 fresh process's first fit, evaluation and export (bench/RESULTS.md, "The suite's time").
 Without it, a tensor used as a Python bool fails loudly while tracing instead of being
 converted quietly.

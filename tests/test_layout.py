@@ -109,6 +109,6 @@ def _autographed_calls(path: Path) -> list[str]:
                          ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_graph_code_is_traced_without_autograph(path):
     """restransfer.graph: AutoGraph's source rewrite found nothing to convert in restransfer's
-    graph code and cost ~1.5 s of a fresh process's first fit, evaluation and export."""
+    graph code and cost ~1.6 s of a fresh process's first fit, evaluation and export."""
     calls = _autographed_calls(path)
     assert not calls, f"{path.relative_to(PACKAGE)}: use restransfer.graph.traced / plain: {calls}"
