@@ -85,7 +85,7 @@ def test_the_shared_machinery_names_no_task(path):
 
 
 def _autographed_calls(path: Path) -> list[str]:
-    """``tf.function(...)``, and ``.map`` / ``.flat_map`` / ``tf.map_fn`` given a function not
+    """``tf.function(...)`` or ``@tf.function``, and ``.map`` / ``.flat_map`` / ``tf.map_fn`` given a function not
     wrapped in ``plain(...)`` (thread pools' ``.map`` aside): calls that would hand restransfer's
     code to AutoGraph."""
     def wrapped(node):
@@ -93,6 +93,8 @@ def _autographed_calls(path: Path) -> list[str]:
 
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):  # a bare @tf.function is no call
+            found += [f"line {d.lineno}: @tf.function" for d in node.decorator_list if ast.unparse(d) == "tf.function"]
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         receiver = ast.unparse(node.func.value)

@@ -46,10 +46,11 @@ CASES = {
 }
 
 
-def _threshold_unlike_argmax(scores):
-    """The threshold on the positive class's scores that decides some image unlike argmax (score >
-    0.5) and lies farthest from every score (so float noise between doors cannot flip a decision):
-    the middle of the widest gap between neighbouring scores that is not the gap around 0.5."""
+def _threshold_unlike_one_half(scores):
+    """The threshold on one class's (or label's) scores that decides some image unlike the cut at
+    0.5 (argmax, for two classes) and lies farthest from every score (so float noise between doors
+    cannot flip a decision): the middle of the widest gap between neighbouring scores that is not
+    the gap around 0.5."""
     edges = np.concatenate([[0.0], np.sort(scores), [1.0]])
     candidates = [((high - low) / 2, (low + high) / 2) for low, high in zip(edges[:-1], edges[1:])
                   if not low <= 0.5 <= high]
@@ -64,10 +65,10 @@ def _rule(kind, class_names, probabilities, tta):
     if kind == "threshold":
         positive = class_names[0]
         return DecisionRule("threshold", positive_class=positive, test_time_augmentation=tta,
-                            threshold=_threshold_unlike_argmax(probabilities[:, 0]),
+                            threshold=_threshold_unlike_one_half(probabilities[:, 0]),
                             chosen_on={"split": "val", "images": 10, "method": "test"})
     if kind == "per_label":
-        return DecisionRule("per_label", thresholds=[float(np.median(probabilities[:, j])) + 1e-4
+        return DecisionRule("per_label", thresholds=[_threshold_unlike_one_half(probabilities[:, j])
                                                      for j in range(len(class_names))])
     return DecisionRule("argmax", test_time_augmentation=tta)
 
