@@ -147,6 +147,11 @@ _BN_EPSILON = 1e-5  # torchvision's BatchNorm2d default
 
 
 def _conv(x, filters, kernel, stride, name, padding):
+    if padding and stride == 1:
+        # At stride 1 Keras' "same" pads (kernel - 1) / 2 on each side, as torchvision does,
+        # inside the convolution: a separate pad would copy the activation forward and slice
+        # its gradient backward at every 3x3 conv.
+        return layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(x)
     if padding:
         # Explicit symmetric padding: Keras' "same" pads stride-2 convs asymmetrically,
         # torchvision pads both sides; only this matches imported weights exactly.
