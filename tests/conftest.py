@@ -129,26 +129,29 @@ def write_pairs(root, count, channels, classes, seed, ignore=None):
 
 # The modules that take longest go to the workers first, so no long module is left running
 # alone at the end (longest-processing-time-first; seconds measured with three workers on 2
-# cores, a fresh clone of 34b45fa). xdist would otherwise order modules by their number of tests
+# cores, a fresh clone of df7123b, 2026-12-05). xdist would otherwise order modules by their number of tests
 # (many quick ones first): ``--no-loadscope-reorder`` in pyproject.toml keeps this order. Order
 # only: every test still runs.
-LONGEST_FIRST = ["training/test_training.py",         # 386 s
-                 "tasks/test_segmentation.py",        # 303
-                 "training/test_distribute.py",       # 264
-                 "cli/test_resume_matrix.py",         # 246
-                 "serving/test_decision_rule.py",     # 220
-                 "serving/test_portable.py",          # 218
-                 "tasks/test_classification.py",      # 205
-                 "cli/test_segmentation_run.py",      # 184
-                 "cli/test_runs.py",                  # 165
-                 "cli/test_cross_validation.py",      # 135
-                 "serving/test_image_contract.py",    # 115
-                 "cli/test_cli.py",                   # 113
-                 "serving/test_export.py",            # 99
-                 "models/test_presets.py",            # 94
-                 "evaluation/test_report_browser.py", # 88
-                 "cli/test_newcomer.py",              # 86
-                 "tasks/test_medical_recipe.py"]      # 76
+LONGEST_FIRST = ["training/test_training.py",         # 262 s
+                 "tasks/test_segmentation.py",        # 204
+                 "training/test_distribute.py",       # 174
+                 "serving/test_decision_rule.py",     # 164
+                 "tasks/test_classification.py",      # 130
+                 "cli/test_resume_matrix.py",         # 122
+                 "serving/test_portable.py",          # 118
+                 "cli/test_runs.py",                  # 116
+                 "cli/test_segmentation_run.py",      # 99
+                 "cli/test_cross_validation.py",      # 82
+                 "serving/test_image_contract.py",    # 79
+                 "serving/test_export.py",            # 79
+                 "models/test_presets.py",            # 72
+                 "cli/test_cli.py",                   # 72
+                 "evaluation/test_report_browser.py", # 67
+                 "cli/test_newcomer.py",              # 60
+                 "tasks/test_medical_recipe.py",      # 58
+                 "models/test_backbones.py",          # 35
+                 "evaluation/test_gradcam.py",        # 27
+                 "data/test_data.py"]                 # 25
 
 
 def pytest_collection_modifyitems(items):
