@@ -22,16 +22,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 RESTRANSFER = r"""
 import json, sys, time
 net, size, threads, batch, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+weights = sys.argv[6] if len(sys.argv) > 6 else None
 import restransfer as rt   # first, as a user's script would
 from restransfer.devices import apply_threads, configure_precision
 apply_threads(threads)
 import numpy as np
 from restransfer import Phase
-recipe = rt.ClassificationRecipe(backbone=net, weights=None, image_size=size, num_classes=10, precision=precision)
+recipe = rt.ClassificationRecipe(backbone=net, weights=weights, image_size=size, num_classes=10, precision=precision)
 model = recipe.build()
 chosen = configure_precision(precision)
 phase = Phase("all", epochs=1, lr=1e-3, schedule="one_cycle", lr_mult=0.4)
@@ -105,7 +107,12 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--torch", default=None, help="a Python with torch and torchvision")
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16", "auto"])
+    parser.add_argument("--weights", nargs="+", default=[], metavar="NET=FILE",
+                        help="a weights file for a net, e.g. resnet50=../shared/fixtures/parity/resnet50_random.safetensors: "
+                             "a torchvision file builds the torchvision layout (v1.5, no conv biases: PyTorch's network "
+                             "and what the imagenet presets load); without one ResNet-50+ is Keras' layout (v1, conv biases)")
     args = parser.parse_args()
+    weights = dict(pair.split("=", 1) for pair in args.weights)
     from restransfer.devices import cpu_supports_bfloat16
 
     print(f"{os.cpu_count()} cores; AVX512_BF16/AMX here: {cpu_supports_bfloat16()}; batch {args.batch}; images/s\n")
@@ -119,7 +126,8 @@ def main():
     for net in args.nets:
         for size in args.sizes:
             for threads in args.threads:
-                ours = {p: run(RESTRANSFER, net, size, threads, args.batch, p) for p in args.precisions}
+                ours = {p: run(RESTRANSFER, net, size, threads, args.batch, p, *([weights[net]] if net in weights else []))
+                        for p in args.precisions}
                 cells = [f"{ours[p]['train']:.1f}" + (f" ({ours[p]['precision']})" if p == "auto" else "")
                          for p in args.precisions]
                 if args.torch:
@@ -130,7 +138,8 @@ def main():
                               f"{auto / best:.2f}",
                               f"{ours['float32']['train'] / best:.2f}" if "float32" in ours else "-",
                               f"{auto / theirs['nchw']:.2f}"]
-                print(f"| {net} | {size} | {threads} | " + " | ".join(cells) + " |", flush=True)
+                label = f"{net} ({Path(weights[net]).name})" if net in weights else net
+                print(f"| {label} | {size} | {threads} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
