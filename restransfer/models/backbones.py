@@ -22,6 +22,7 @@ import keras
 from keras import layers
 
 from restransfer.models import presets as presets_lib
+from restransfer.models.batchnorm import FusedBatchNormalization
 from restransfer.models.preprocessing import Preprocess
 from restransfer.models.registry import BACKBONES, BackboneSpec, get_spec, list_backbones
 from restransfer.models.stages import layers_by_name
@@ -160,7 +161,7 @@ def _conv(x, filters, kernel, stride, name, padding):
 
 
 def _bn(x, name):
-    return layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=0.9, name=f"{name}_bn")(x)
+    return FusedBatchNormalization(epsilon=_BN_EPSILON, momentum=0.9, name=f"{name}_bn")(x)
 
 
 def _basic_block(x, filters, stride, name):

@@ -21,6 +21,7 @@ import dataclasses
 import keras
 from keras import layers, ops
 
+from restransfer.models.batchnorm import FusedBatchNormalization
 from restransfer.models.heads import TaskHead
 
 DECODER_WIDTHS = (256, 128, 64, 32, 16)  # segmentation_models' U-Net default
@@ -156,7 +157,7 @@ class SegmentationHead(TaskHead):
 
 def _conv_bn_relu(x, filters, name):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
