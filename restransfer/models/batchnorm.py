@@ -40,6 +40,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             variance = unbiased * (count - 1.0) / count
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            # Grappler fuses this kernel with a following ReLU into oneDNN's, which turns NaN
+            # into 0: a diverging backbone would leave the loss finite and the NaN guard blind.
+            # The batch mean is computed before that activation, so a NaN/Inf batch reaches the
+            # loss through it (0 * NaN is NaN; 0 otherwise, and no gradient flows back).
+            self.add_loss(0.0 * tf.reduce_sum(mean))
         else:
             y, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
