@@ -148,16 +148,14 @@ _BN_EPSILON = 1e-5  # torchvision's BatchNorm2d default
 
 
 def _conv(x, filters, kernel, stride, name, padding):
-    if padding and stride == 1:
-        # At stride 1 Keras' "same" pads (kernel - 1) / 2 on each side, as torchvision does,
-        # inside the convolution: a separate pad would copy the activation forward and slice
-        # its gradient backward at every 3x3 conv.
-        return layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    if padding:
-        # Explicit symmetric padding: Keras' "same" pads stride-2 convs asymmetrically,
-        # torchvision pads both sides; only this matches imported weights exactly.
+    # At stride 1 Keras' "same" pads (kernel - 1) / 2 on each side, as torchvision does, inside
+    # the convolution (a separate pad would copy the activation forward and slice its gradient
+    # backward). At stride 2 "same" pads asymmetrically while torchvision pads both sides: only
+    # an explicit symmetric pad matches imported weights exactly.
+    if padding and stride != 1:
         x = layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
-    return layers.Conv2D(filters, kernel, strides=stride, use_bias=False, name=f"{name}_conv")(x)
+    inside = "same" if padding and stride == 1 else "valid"
+    return layers.Conv2D(filters, kernel, strides=stride, padding=inside, use_bias=False, name=f"{name}_conv")(x)
 
 
 def _bn(x, name):
