@@ -50,4 +50,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                 x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
                 variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
                 exponential_avg_factor=1.0, data_format="NHWC", is_training=False)
+            if training:
+                # frozen inside a training step: no batch mean here, so the input itself is
+                # summed for the guard (forward only: stop_gradient keeps the backward pass as it was)
+                self.add_loss(0.0 * tf.reduce_sum(tf.stop_gradient(x)))
         return tf.cast(y, self.compute_dtype)
