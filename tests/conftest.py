@@ -129,29 +129,30 @@ def write_pairs(root, count, channels, classes, seed, ignore=None):
 
 # The modules that take longest go to the workers first, so no long module is left running
 # alone at the end (longest-processing-time-first; seconds measured with three workers on 2
-# cores, a fresh clone of df7123b, 2026-12-05). xdist would otherwise order modules by their number of tests
+# cores, a clone of 28a4cb8, 2026-12-05). xdist would otherwise order modules by their number of tests
 # (many quick ones first): ``--no-loadscope-reorder`` in pyproject.toml keeps this order. Order
 # only: every test still runs.
-LONGEST_FIRST = ["training/test_training.py",         # 262 s
-                 "tasks/test_segmentation.py",        # 204
-                 "training/test_distribute.py",       # 174
-                 "serving/test_decision_rule.py",     # 164
-                 "tasks/test_classification.py",      # 130
-                 "cli/test_resume_matrix.py",         # 122
-                 "serving/test_portable.py",          # 118
-                 "cli/test_runs.py",                  # 116
-                 "cli/test_segmentation_run.py",      # 99
-                 "cli/test_cross_validation.py",      # 82
-                 "serving/test_image_contract.py",    # 79
-                 "serving/test_export.py",            # 79
-                 "models/test_presets.py",            # 72
-                 "cli/test_cli.py",                   # 72
-                 "evaluation/test_report_browser.py", # 67
-                 "cli/test_newcomer.py",              # 60
-                 "tasks/test_medical_recipe.py",      # 58
-                 "models/test_backbones.py",          # 35
-                 "evaluation/test_gradcam.py",        # 27
-                 "data/test_data.py"]                 # 25
+LONGEST_FIRST = ["training/test_training.py",          # 193 s
+                 "tasks/test_segmentation.py",         # 152
+                 "training/test_distribute.py",        # 141
+                 "serving/test_decision_rule.py",      # 128
+                 "cli/test_runs.py",                   # 117
+                 "tasks/test_classification.py",       # 113
+                 "cli/test_resume_matrix.py",          # 110
+                 "serving/test_portable.py",           # 93
+                 "serving/test_image_contract.py",     # 76
+                 "cli/test_segmentation_run.py",       # 74
+                 "cli/test_cross_validation.py",       # 68
+                 "cli/test_cli.py",                    # 60
+                 "models/test_presets.py",             # 55
+                 "evaluation/test_report_browser.py",  # 50
+                 "tasks/test_medical_recipe.py",       # 50
+                 "serving/test_export.py",             # 48
+                 "cli/test_newcomer.py",               # 42
+                 "models/test_backbones.py",           # 37
+                 "data/test_data.py",                  # 18
+                 "test_cpu_kernels.py",                # 16
+                 "evaluation/test_gradcam.py"]         # 14
 
 
 def pytest_collection_modifyitems(items):
