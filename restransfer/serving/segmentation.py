@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 from restransfer.graph import plain, traced
-from restransfer.serving.export import (PARITY_TOLERANCE, staged_version, warmup_samples, write_card, write_labels,
-                                        write_warmup_requests)
+from restransfer.serving.export import (PARITY_TOLERANCE, hold_weights, staged_version, warmup_samples, write_card,
+                                        write_labels, write_warmup_requests)
 
 
 def _serving_module(model, image_size: int, channels: int, decision, keep_precision: bool, normalize):
@@ -44,9 +44,7 @@ def _serving_module(model, image_size: int, channels: int, decision, keep_precis
     class ServingModule(tf.Module):
         def __init__(self):
             super().__init__()
-            # the weights only: tracking the Keras model saved its optimizer's moments too (a
-            # ResNet-18 export 129 MB, not 43) and doubled the export's time
-            self.model_variables = list(model.variables)
+            hold_weights(self, model)
 
         @traced(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serving_default(self, image_bytes):
